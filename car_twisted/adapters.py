@@ -1,0 +1,36 @@
+"""
+The per-state component registry.
+
+Each ``ServerState`` owns a ``zope.interface`` ``AdapterRegistry``, seeded
+here by one explicit call (no import-time global registration) and then
+extended with the embedder's ``ServerStateConfig.adapters``.  The daemon
+reaches a session's components by adaptation through that registry, so two
+daemons in one process can carry different components.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+from zope.interface.adapter import AdapterRegistry
+
+from car_twisted.interfaces import IClientSession, IWsSink
+
+__all__ = ["default_registry", "session_sink"]
+
+
+def session_sink(session: Any) -> Any:
+    """A session's transport-neutral sink: what its channel writes to."""
+    return session.channel.sink
+
+
+def default_registry(extra: Iterable[Any] = ()) -> AdapterRegistry:
+    """
+    A fresh registry with the daemon's default adapters, then C{extra}
+    (``AdapterRegistration`` values), which win over the defaults.
+    """
+    registry = AdapterRegistry()
+    registry.register([IClientSession], IWsSink, "", session_sink)
+    for reg in extra:
+        registry.register([reg.required], reg.provided, reg.name, reg.factory)
+    return registry

@@ -1,0 +1,111 @@
+"""
+Tokens: minting, constant-time checks, the 0600 token files and the
+primary-daemon lock.
+"""
+
+from __future__ import annotations
+
+import base64
+import errno
+import fcntl
+import hmac
+import os
+import secrets
+from pathlib import Path
+
+from twisted.logger import Logger
+
+__all__ = [
+    "mint_token",
+    "tokens_equal",
+    "write_secret_file",
+    "remove_if_ours",
+    "ensure_private_dir",
+    "PrimaryLock",
+]
+
+_log = Logger()
+
+
+def mint_token() -> str:
+    """32 random bytes as base64url without padding (43 characters)."""
+    return base64.urlsafe_b64encode(secrets.token_bytes(32)).rstrip(b"=").decode()
+
+
+def tokens_equal(given: object, expected: str | None) -> bool:
+    """Constant-time comparison; anything that is not a string fails."""
+    if expected is None or type(given) is not str:
+        return False
+    return hmac.compare_digest(given.encode(), expected.encode())
+
+
+def ensure_private_dir(path: Path) -> None:
+    """Create C{path} (and parents) 0700; tighten it if we just made it."""
+    if not path.is_dir():
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(path, 0o700)
+
+
+def write_secret_file(path: Path, content: str) -> None:
+    """
+    Atomically replace C{path} with C{content}, mode 0600, in a 0700
+    directory: a temp file opened 0600 from the start, fsynced, renamed.
+    """
+    ensure_private_dir(path.parent)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, content.encode() + b"\n")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def remove_if_ours(path: Path, content: str) -> bool:
+    """Remove C{path} only if it still holds C{content} (ours)."""
+    try:
+        if path.read_text().strip() != content:
+            return False
+        path.unlink()
+        return True
+    except FileNotFoundError:
+        return False
+
+
+class PrimaryLock:
+    """
+    The advisory lock on ``run/daemon.lock`` that makes a daemon the
+    primary of its state root.  Held for the daemon's life; released
+    (with the fd) on ``release`` or at process exit.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd: int | None = None
+
+    def acquire(self) -> bool:
+        ensure_private_dir(self.path.parent)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EACCES):
+                return False
+            raise
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+        return True
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None

@@ -1,0 +1,170 @@
+"""
+``ServerStateConfig``: everything a ``ServerState`` is built from.
+
+A frozen attrs class; embedders build one with keywords and refine it with
+the ``with_*`` evolvers.  ``from_environ`` reads the daemon's environment
+(``CAR_HOME``, ``CAR_NO_AUTH``, ``CAR_AUTH_TOKEN``, ``CAR_HANDLER_TIMEOUT``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import attrs
+from zope.interface import Interface
+from zope.interface.verify import verifyObject
+
+from car_twisted.interfaces import IAgentIdentities, IMethodProvider
+from car_twisted.paths import CarPaths, ConfigError
+from car_twisted.rpc.registry import MethodSpec
+
+__all__ = [
+    "ServerStateConfig",
+    "AdapterRegistration",
+    "DEFAULT_HANDLER_TIMEOUT_SECS",
+    "DEFAULT_MAX_MESSAGE_BYTES",
+]
+
+DEFAULT_HANDLER_TIMEOUT_SECS = 30 * 60.0
+DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+
+def _provides(iface: type[Interface]) -> Callable[[Any, Any, Any], None]:
+    def check(instance: Any, attribute: Any, value: Any) -> None:
+        if value is not None and not iface.providedBy(value):
+            raise TypeError(f"{attribute.name} must provide {iface.__name__}")
+
+    return check
+
+
+def _each_provides(iface: type[Interface]) -> Callable[[Any, Any, Any], None]:
+    def check(instance: Any, attribute: Any, value: Any) -> None:
+        for item in value:
+            verifyObject(iface, item)
+
+    return check
+
+
+@attrs.frozen
+class AdapterRegistration:
+    """
+    One adapter for a state's component registry: C{factory(obj)} provides
+    C{provided} for objects providing C{required}.
+    """
+
+    required: type[Interface]
+    provided: type[Interface]
+    factory: Callable[[Any], Any]
+    name: str = ""
+
+
+def _env_flag(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _positive_secs(name: str, raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number of seconds, got {raw!r}") from None
+    if not value > 0:
+        raise ConfigError(f"{name} must be positive, got {raw!r}")
+    return value
+
+
+@attrs.frozen
+class ServerStateConfig:
+    """
+    @ivar paths: the state root and token/socket locations.
+    @ivar auth_enabled: the token gate (on unless ``--no-auth``).
+    @ivar auth_token: a pinned daemon token; minted per launch when None.
+    @ivar host_token: a pinned host token; minted per launch when None.
+    @ivar handler_timeout: per-request deadline, seconds (``-32004``).
+    @ivar max_message_bytes: largest WebSocket message either way (1009).
+    @ivar max_batch: largest JSON-RPC batch.
+    @ivar max_in_flight: concurrent unfinished requests per connection.
+    @ivar max_connections: concurrent WebSocket connections (503 beyond).
+    @ivar auth_timeout: seconds an unauthenticated connection may idle.
+    @ivar max_auth_failures: wrong tokens tolerated on one connection.
+    @ivar ping_interval / ping_timeout: WebSocket keep-alive, seconds.
+    @ivar write_stall_timeout: seconds a connection may refuse to read our
+        output before it is dropped.
+    @ivar allowed_origins: extra browser origins (fnmatch patterns on the
+        full origin, e.g. ``"https://app.example:*"``); loopback origins
+        are always allowed, others refused at the upgrade.
+    @ivar methods / method_providers: extra JSON-RPC methods.
+    @ivar adapters: extra component adapters for the state's registry.
+    @ivar agent_identities: provides ``IAgentIdentities`` (agent binding).
+    """
+
+    paths: CarPaths = attrs.field(factory=lambda: CarPaths.resolve({}))
+    auth_enabled: bool = True
+    auth_token: str | None = attrs.field(default=None, repr=False)
+    host_token: str | None = attrs.field(default=None, repr=False)
+    handler_timeout: float = DEFAULT_HANDLER_TIMEOUT_SECS
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    max_batch: int = 256
+    max_in_flight: int = 1024
+    max_connections: int = 1024
+    auth_timeout: float = 30.0
+    max_auth_failures: int = 5
+    ping_interval: float = 30.0
+    ping_timeout: float = 30.0
+    write_stall_timeout: float = 60.0
+    allowed_origins: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    methods: tuple[MethodSpec, ...] = attrs.field(default=(), converter=tuple)
+    method_providers: tuple[Any, ...] = attrs.field(
+        default=(), converter=tuple, validator=_each_provides(IMethodProvider)
+    )
+    adapters: tuple[AdapterRegistration, ...] = attrs.field(default=(), converter=tuple)
+    agent_identities: Any = attrs.field(
+        default=None, validator=_provides(IAgentIdentities)
+    )
+
+    @classmethod
+    def from_environ(
+        cls,
+        environ: Mapping[str, str],
+        *,
+        car_home: str | None = None,
+        no_auth: bool = False,
+        auth_token: str | None = None,
+        **overrides: Any,
+    ) -> "ServerStateConfig":
+        """
+        The daemon's configuration from its environment and options;
+        options win over the environment.
+
+        @raise ConfigError: a relative ``CAR_HOME`` or a bad number.
+        """
+        paths = CarPaths.resolve(environ, car_home)
+        token = auth_token or (environ.get("CAR_AUTH_TOKEN") or "").strip() or None
+        kwargs: dict[str, Any] = dict(
+            paths=paths,
+            auth_enabled=not (no_auth or _env_flag(environ.get("CAR_NO_AUTH"))),
+            auth_token=token,
+        )
+        raw_timeout = environ.get("CAR_HANDLER_TIMEOUT")
+        if raw_timeout:
+            kwargs["handler_timeout"] = _positive_secs("CAR_HANDLER_TIMEOUT", raw_timeout)
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+    def with_methods(self, *specs: MethodSpec) -> "ServerStateConfig":
+        return attrs.evolve(self, methods=self.methods + specs)
+
+    def with_method_provider(self, provider: Any) -> "ServerStateConfig":
+        return attrs.evolve(self, method_providers=self.method_providers + (provider,))
+
+    def with_adapter(self, registration: AdapterRegistration) -> "ServerStateConfig":
+        return attrs.evolve(self, adapters=self.adapters + (registration,))
+
+    def with_agent_identities(self, identities: Any) -> "ServerStateConfig":
+        return attrs.evolve(self, agent_identities=identities)
+
+    def with_auth(
+        self, enabled: bool, token: str | None = None, host_token: str | None = None
+    ) -> "ServerStateConfig":
+        return attrs.evolve(
+            self, auth_enabled=enabled, auth_token=token, host_token=host_token
+        )

@@ -1,0 +1,138 @@
+"""
+JSON-RPC error codes and the exceptions that carry them.
+
+Handlers raise these; ``rpc.dispatch`` is the one place that turns an
+exception into an error response (``error_for``).  Anything else a handler
+raises is an internal error: logged with its traceback, answered ``-32603``
+without one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "PARSE_ERROR",
+    "INVALID_REQUEST",
+    "METHOD_NOT_FOUND",
+    "INVALID_PARAMS",
+    "INTERNAL_ERROR",
+    "AUTH_REQUIRED",
+    "APPROVAL_DENIED",
+    "HANDLER_DEADLINE",
+    "HANDSHAKE_REQUIRED",
+    "PROTOCOL_MISMATCH",
+    "RpcError",
+    "InvalidParams",
+    "MethodNotFound",
+    "AuthFailed",
+    "AgentAlreadyAttached",
+    "HandshakeRequired",
+    "ProtocolMismatch",
+    "HandlerDeadlineExceeded",
+    "ChannelClosed",
+    "CallbackTimeout",
+    "ClientRpcError",
+]
+
+PARSE_ERROR = -32700
+INVALID_REQUEST = -32600
+METHOD_NOT_FOUND = -32601
+INVALID_PARAMS = -32602
+INTERNAL_ERROR = -32603
+AUTH_REQUIRED = -32001
+APPROVAL_DENIED = -32003
+HANDLER_DEADLINE = -32004
+HANDSHAKE_REQUIRED = -32005
+PROTOCOL_MISMATCH = -32006
+
+
+class RpcError(Exception):
+    """An error with a JSON-RPC code, safe to show to the client."""
+
+    code = INTERNAL_ERROR
+
+    def __init__(self, message: str, data: Any = None, code: int | None = None):
+        super().__init__(message)
+        self.message = message
+        self.data = data
+        if code is not None:
+            self.code = code
+
+    def to_wire(self) -> dict[str, Any]:
+        err: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.data is not None:
+            err["data"] = self.data
+        return err
+
+
+class InvalidParams(RpcError):
+    """Params that do not fit the method; always names the field."""
+
+    code = INVALID_PARAMS
+
+    def __init__(self, field: str, problem: str):
+        super().__init__(
+            f"invalid params: {field}: {problem}", data={"field": field}
+        )
+        self.field = field
+
+
+class MethodNotFound(RpcError):
+    code = METHOD_NOT_FOUND
+
+
+class AuthFailed(RpcError):
+    """A failed ``session.auth``: generic ``-32603`` as the client expects."""
+
+    code = INTERNAL_ERROR
+
+    def __init__(self, reason: str = "token mismatch"):
+        super().__init__(f"auth failed: {reason}")
+
+
+class AgentAlreadyAttached(AuthFailed):
+    def __init__(self, agent_id: str):
+        super().__init__(f"agent '{agent_id}' is already attached on another connection")
+
+
+class HandshakeRequired(RpcError):
+    code = HANDSHAKE_REQUIRED
+
+
+class ProtocolMismatch(RpcError):
+    code = PROTOCOL_MISMATCH
+
+
+class HandlerDeadlineExceeded(RpcError):
+    code = HANDLER_DEADLINE
+
+    def __init__(self, method: str, seconds: float):
+        super().__init__(
+            f"handler deadline exceeded: {method} did not finish within "
+            f"{seconds:g}s; it may have committed, read its state before retrying",
+            data={"method": method, "deadline_secs": seconds},
+        )
+
+
+class ChannelClosed(Exception):
+    """The connection went away while a server-to-client request waited."""
+
+
+class CallbackTimeout(Exception):
+    """A server-to-client request got no answer in time."""
+
+    def __init__(self, method: str, seconds: float):
+        super().__init__(f"{method} callback timed out ({seconds:g}s)")
+        self.method = method
+        self.seconds = seconds
+
+
+class ClientRpcError(Exception):
+    """The client answered a server-to-client request with an error."""
+
+    def __init__(self, code: Any, message: str, data: Any = None):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.data = data

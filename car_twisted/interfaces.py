@@ -1,0 +1,103 @@
+"""
+The pluggable parts of the daemon, as zope interfaces.
+
+Every component an embedder may replace is declared here; implementations
+say ``@implementer(...)`` and are found through each ``ServerState``'s own
+adapter registry (see ``car_twisted.adapters``).
+"""
+
+from zope.interface import Attribute, Interface
+
+__all__ = [
+    "IAgentIdentities",
+    "IClientSession",
+    "IMethodProvider",
+    "IWsSink",
+]
+
+
+class IWsSink(Interface):
+    """
+    The write half of one WebSocket connection, whatever carries it.
+
+    The Autobahn protocol provides it for TCP and UNIX sockets alike; tests
+    use an in-memory fake.  Every method is safe to call after the peer has
+    gone: it reports ``False`` (or does nothing) rather than raising.
+    """
+
+    writable = Attribute("True while frames can still be written.")
+
+    def send_text(payload):
+        """
+        Write one text frame.
+
+        @param payload: UTF-8 encoded JSON.
+        @type payload: L{bytes}
+        @return: C{True} if written, C{False} if the connection is gone.
+        """
+
+    def send_binary(payload):
+        """
+        Write one binary frame.
+
+        @type payload: L{bytes}
+        @return: C{True} if written, C{False} if the connection is gone.
+        """
+
+    def close(code, reason):
+        """
+        Start a WebSocket close with C{code} and C{reason}, then drop the
+        connection without waiting for the peer's Close (the real client
+        never answers one).
+        """
+
+
+class IClientSession(Interface):
+    """
+    Marker for the per-connection session; components hang off it by
+    adaptation (C{state.component(session, IWsSink)}).
+    """
+
+    client_id = Attribute("A daemon-unique id for this connection.")
+    channel = Attribute("The session's WsChannel.")
+
+
+class IMethodProvider(Interface):
+    """
+    A source of JSON-RPC methods: one per namespace module, plus whatever
+    an embedder adds.
+    """
+
+    def methods():
+        """
+        @return: an iterable of L{car_twisted.rpc.registry.MethodSpec}.
+        """
+
+
+class IAgentIdentities(Interface):
+    """
+    Per-agent credentials for C{session.auth {agent_id, token}}.
+
+    The supervised-agents registry provides this; until one is configured
+    the daemon refuses agent binding with a clear message.
+    """
+
+    def verify(agent_id, token):
+        """
+        @return: C{True} when C{token} is C{agent_id}'s own token.  Must
+            compare in constant time and must not reveal whether the agent
+            exists.
+        """
+
+    def attach(agent_id, session):
+        """
+        Bind C{session} to C{agent_id}.
+
+        @raise car_twisted.errors.AgentAlreadyAttached: another live
+            connection holds the binding.
+        """
+
+    def detach(agent_id, session):
+        """
+        Release the binding if C{session} holds it; otherwise do nothing.
+        """

@@ -1,0 +1,135 @@
+"""
+``session.auth``: the token gate, the host role and agent binding.
+
+Behaviour follows the real client: a wrong token answers ``-32603``
+"auth failed: token mismatch" and leaves the connection open and
+unauthenticated, so the client may retry once its token file changes;
+after ``max_auth_failures`` wrong tokens the connection is closed.  With
+auth disabled any daemon token is accepted (``auth_enabled: false``), but
+a host token or an agent binding is always checked.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import attrs
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from car_twisted.auth import tokens_equal
+from car_twisted.errors import AuthFailed, InvalidParams
+from car_twisted.interfaces import IAgentIdentities, IMethodProvider
+from car_twisted.rpc.registry import MethodSpec
+from car_twisted.session import ROLE_HOST, ClientSession
+
+__all__ = ["SessionMethods", "AuthParams", "MAX_NAMESPACE_LEN"]
+
+MAX_NAMESPACE_LEN = 256
+MAX_AGENT_ID_LEN = 128
+
+
+@attrs.frozen
+class AuthParams:
+    token: str | None = attrs.field(default=None, metadata={"max_len": 1024}, repr=False)
+    host_token: str | None = attrs.field(default=None, metadata={"max_len": 1024}, repr=False)
+    agent_id: str | None = attrs.field(default=None, metadata={"max_len": MAX_AGENT_ID_LEN})
+    memory_namespace: str | None = attrs.field(
+        default=None, metadata={"max_len": MAX_NAMESPACE_LEN}
+    )
+
+
+@implementer(IMethodProvider)
+class SessionMethods:
+    _log = Logger()
+
+    def __init__(self, state: Any) -> None:
+        self.state = state
+
+    def methods(self) -> Iterable[MethodSpec]:
+        return (
+            MethodSpec(
+                "session.auth",
+                self.auth,
+                params=AuthParams,
+                requires_auth=False,
+                description="Authenticate this connection (token, host_token or agent_id + token).",
+            ),
+        )
+
+    def auth(self, session: ClientSession, p: AuthParams) -> dict[str, Any]:
+        if p.memory_namespace is not None and not p.memory_namespace:
+            raise InvalidParams("memory_namespace", "must not be empty")
+        try:
+            result = self._authenticate(session, p)
+        except AuthFailed:
+            session.auth_failures += 1
+            self._log.info(
+                "client {client_id} failed session.auth ({failures} so far)",
+                client_id=session.client_id,
+                failures=session.auth_failures,
+            )
+            if session.auth_failures >= self.state.config.max_auth_failures:
+                # Answer first, then close: the reply is already queued by
+                # the time the dispatcher writes it, so close afterwards.
+                self.state.clock.callLater(
+                    0, session.channel.sink.close, 1008, "too many auth failures"
+                )
+            raise
+        session.authenticated = True
+        if session.auth_timer is not None and session.auth_timer.active():
+            session.auth_timer.cancel()
+        session.auth_timer = None
+        if p.memory_namespace is not None:
+            session.memory_namespace = p.memory_namespace
+            result["memory_namespace"] = p.memory_namespace
+        self._log.info(
+            "client {client_id} authenticated (role={role}, agent={agent_id})",
+            client_id=session.client_id,
+            role=session.role,
+            agent_id=session.agent_id,
+        )
+        return result
+
+    def _authenticate(self, session: ClientSession, p: AuthParams) -> dict[str, Any]:
+        state = self.state
+        enabled = state.auth_enabled
+        if p.host_token is not None:
+            if p.token is not None or p.agent_id is not None:
+                raise InvalidParams("host_token", "give either host_token or token, not both")
+            if not tokens_equal(p.host_token, state.host_token):
+                raise AuthFailed()
+            session.role = ROLE_HOST
+            return {"ok": True, "auth_enabled": enabled, "role": ROLE_HOST}
+        if p.agent_id is not None:
+            return self._bind_agent(session, p)
+        if not enabled:
+            return {"ok": True, "auth_enabled": False}
+        if p.token is None:
+            raise InvalidParams("token", "required")
+        if not tokens_equal(p.token, state.auth_token):
+            raise AuthFailed()
+        return {"ok": True, "auth_enabled": True}
+
+    def _bind_agent(self, session: ClientSession, p: AuthParams) -> dict[str, Any]:
+        agent_id = p.agent_id
+        assert agent_id is not None
+        if not agent_id:
+            raise InvalidParams("agent_id", "must not be empty")
+        if p.token is None:
+            raise InvalidParams("token", "required with agent_id (the agent's own token)")
+        identities = self.state.agent_identities
+        if identities is None:
+            raise AuthFailed(
+                "agent identity binding is unavailable: this daemon has no agents registry"
+            )
+        identities = IAgentIdentities(identities)
+        if session.agent_id is not None and session.agent_id != agent_id:
+            raise AuthFailed(f"connection is already bound to agent '{session.agent_id}'")
+        if not identities.verify(agent_id, p.token):
+            raise AuthFailed()
+        if session.agent_id is None:
+            identities.attach(agent_id, session)
+            session.agent_id = agent_id
+            session.on_close(lambda: identities.detach(agent_id, session))
+        return {"ok": True, "auth_enabled": self.state.auth_enabled, "agent_id": agent_id}

@@ -1,0 +1,357 @@
+"""
+The JSON-RPC 2.0 dispatcher: frames in, replies out.
+
+One text frame is one request, notification, client response, or batch.
+Each request passes, in order: envelope checks (``-32600``), the auth gate
+(``-32001`` then close), the handshake gate (``-32005``), method lookup
+(``-32601``), params parsing (``-32602``), then its handler.  A handler
+that returns a plain value is answered at once, with no Deferred built; one
+that waits (a Deferred or a coroutine) runs concurrently with everything
+else on the connection under a deadline (``-32004``).  ``error_for`` is the
+one place exceptions become error responses.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+from twisted.internet.defer import CancelledError, Deferred, gatherResults
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from car_twisted.errors import (
+    AUTH_REQUIRED,
+    HANDSHAKE_REQUIRED,
+    INTERNAL_ERROR,
+    INVALID_REQUEST,
+    METHOD_NOT_FOUND,
+    PARSE_ERROR,
+    HandlerDeadlineExceeded,
+    RpcError,
+)
+from car_twisted.rpc.envelope import (
+    MAX_METHOD_LEN,
+    DecodeError,
+    encode_error,
+    encode_result,
+    loads,
+    valid_id,
+)
+from car_twisted.rpc.params import parse_params
+from car_twisted.rpc.scope import handshake_gated, out_of_scope_reason
+
+__all__ = ["Dispatcher", "error_for"]
+
+_CoroutineType = types.CoroutineType
+_log = Logger()
+
+_BAD_ID = (
+    "invalid request: id must be a string of at most 256 characters, "
+    "a 64-bit integer or null"
+)
+
+
+def error_for(exc: BaseException, method: str | None) -> tuple[int, str, Any]:
+    """
+    Map an exception to ``(code, message, data)``.  Only ``RpcError``
+    speaks to the client in its own words; anything else is logged with
+    its traceback and answered as a bare internal error.
+    """
+    if isinstance(exc, RpcError):
+        return exc.code, exc.message, exc.data
+    if isinstance(exc, CancelledError):
+        return INTERNAL_ERROR, f"request cancelled: {method}", None
+    _log.failure(
+        "unexpected error while handling {method}",
+        failure=Failure(exc, exc.__class__, exc.__traceback__),
+        method=method,
+    )
+    return INTERNAL_ERROR, f"internal error while handling {method}", None
+
+
+class Dispatcher:
+    """Routes decoded frames for every connection of one ``ServerState``."""
+
+    _log = _log
+
+    def __init__(self, state: Any) -> None:
+        self.state = state
+        self.methods = state.methods
+        self.clock = state.clock
+        config = state.config
+        self.handler_timeout = config.handler_timeout
+        self.max_batch = config.max_batch
+        self.max_in_flight = config.max_in_flight
+        self.max_message_bytes = config.max_message_bytes
+
+    # -- entry points --------------------------------------------------------
+
+    def dispatch_text(self, session: Any, payload: bytes) -> None:
+        try:
+            msg = loads(payload)
+        except DecodeError as e:
+            session.channel.send(encode_error(None, PARSE_ERROR, f"parse error: {e}"))
+            return
+        kind = type(msg)
+        if kind is dict:
+            out = self._handle(session, msg)
+            if out is None:
+                return
+            if type(out) is bytes:
+                session.channel.send(out)
+            else:
+                out.addCallback(self._send_deferred, session)
+        elif kind is list:
+            self._batch(session, msg)
+        else:
+            session.channel.send(
+                encode_error(None, INVALID_REQUEST, "invalid request: expected an object or an array")
+            )
+
+    def dispatch_binary(self, session: Any, payload: bytes) -> None:
+        if not session.authenticated:
+            self._deny(session, None)
+            return
+        handler = session.binary_handler
+        if handler is None:
+            session.channel.send(
+                encode_error(
+                    None,
+                    INVALID_REQUEST,
+                    "binary frame refused: no binary stream is open on this connection",
+                    {"bytes": len(payload)},
+                )
+            )
+            return
+        try:
+            handler(session, payload)
+        except Exception:
+            self._log.failure(
+                "binary frame handler failed for client {client_id}",
+                client_id=session.client_id,
+            )
+
+    # -- one message -----------------------------------------------------------
+
+    def _handle(self, session: Any, msg: dict) -> bytes | Deferred | None:
+        """
+        @return: the encoded reply, a Deferred firing with it (or None),
+            or None when there is nothing to send.
+        """
+        method = msg.get("method")
+        if method is None:
+            return self._client_response(session, msg)
+        notification = "id" not in msg
+        rid = msg.get("id")
+        if not valid_id(rid):
+            return encode_error(None, INVALID_REQUEST, _BAD_ID)
+        if msg.get("jsonrpc") != "2.0":
+            return encode_error(rid, INVALID_REQUEST, 'invalid request: "jsonrpc" must be "2.0"')
+        if type(method) is not str or not method or len(method) > MAX_METHOD_LEN:
+            return encode_error(
+                rid, INVALID_REQUEST, "invalid request: method must be a non-empty string of at most 256 characters"
+            )
+        params = msg.get("params")
+        if params is not None and type(params) is not dict and type(params) is not list:
+            return encode_error(rid, INVALID_REQUEST, "invalid request: params must be an object or an array")
+
+        spec = self.methods.get(method)
+        if not session.authenticated and (spec is None or spec.requires_auth):
+            self._deny(session, rid)
+            return None
+        if session.protocol_version is None and (
+            handshake_gated(method) or (spec is not None and spec.requires_handshake)
+        ):
+            return None if notification else encode_error(
+                rid,
+                HANDSHAKE_REQUIRED,
+                f"protocol handshake required: call server.handshake before {method}",
+            )
+        if spec is None:
+            if notification:
+                return None
+            reason = out_of_scope_reason(method)
+            text = (
+                f"method not found: {method} is not implemented by this daemon ({reason})"
+                if reason
+                else f"method not found: {method}"
+            )
+            return encode_error(rid, METHOD_NOT_FOUND, text, {"method": method})
+        if session.in_flight >= self.max_in_flight:
+            return None if notification else encode_error(
+                rid,
+                INTERNAL_ERROR,
+                f"server busy: {self.max_in_flight} requests already in flight on this connection",
+                {"reason": "busy", "limit": self.max_in_flight},
+            )
+
+        try:
+            args = params if spec.params is None else parse_params(spec.params, params)
+            result = spec.handler(session, args)
+        except Exception as e:
+            return None if notification else self._error(rid, method, e)
+
+        if type(result) is _CoroutineType:
+            d = Deferred.fromCoroutine(result)
+        elif isinstance(result, Deferred):
+            d = result
+        else:
+            return None if notification else self._encode(rid, method, result)
+        return self._wait(session, spec, args, rid, notification, d)
+
+    def _wait(
+        self, session: Any, spec: Any, args: Any, rid: Any, notification: bool, d: Deferred
+    ) -> Deferred:
+        method = spec.name
+        timeout = self._deadline(spec, args)
+        session.in_flight += 1
+
+        def on_timeout(result: Any, seconds: float) -> Failure:
+            return Failure(HandlerDeadlineExceeded(method, seconds))
+
+        def done(result: Any) -> Any:
+            session.in_flight -= 1
+            return result
+
+        d.addTimeout(timeout, self.clock, onTimeoutCancel=on_timeout)
+        d.addBoth(done)
+        if notification:
+            d.addCallbacks(lambda _: None, self._log_notification_failure, errbackArgs=(method,))
+        else:
+            d.addCallbacks(
+                lambda result: self._encode(rid, method, result),
+                lambda f: self._error(rid, method, f.value),
+            )
+        return d
+
+    def _deadline(self, spec: Any, args: Any) -> float:
+        deadline = spec.deadline
+        if callable(deadline):
+            try:
+                deadline = deadline(args)
+            except Exception:
+                self._log.failure("deadline function failed for {method}", method=spec.name)
+                deadline = None
+        return self.handler_timeout if deadline is None else float(deadline)
+
+    def _client_response(self, session: Any, msg: dict) -> bytes | None:
+        if "id" in msg and ("result" in msg or "error" in msg):
+            if not session.authenticated:
+                self._deny(session, None)
+                return None
+            if not session.channel.deliver(msg["id"], msg.get("result"), msg.get("error")):
+                self._log.debug(
+                    "client {client_id} answered unknown request id {rid!r}",
+                    client_id=session.client_id,
+                    rid=msg["id"],
+                )
+            return None
+        rid = msg.get("id")
+        return encode_error(
+            rid if valid_id(rid) else None, INVALID_REQUEST, "invalid request: missing method"
+        )
+
+    # -- batches -----------------------------------------------------------
+
+    def _batch(self, session: Any, items: list) -> None:
+        send = session.channel.send
+        if not items:
+            send(encode_error(None, INVALID_REQUEST, "invalid request: empty batch"))
+            return
+        if len(items) > self.max_batch:
+            send(
+                encode_error(
+                    None,
+                    INVALID_REQUEST,
+                    f"invalid request: batch of {len(items)} exceeds the limit of {self.max_batch}",
+                )
+            )
+            return
+        if not session.authenticated:
+            # The auth handshake is a single request; a batch never opens a session.
+            self._deny(session, None)
+            return
+        parts: list[bytes | None] = []
+        waits: list[Deferred] = []
+        for item in items:
+            out = (
+                self._handle(session, item)
+                if type(item) is dict
+                else encode_error(None, INVALID_REQUEST, "invalid request: batch entries must be objects")
+            )
+            if out is None:
+                continue
+            if type(out) is bytes:
+                parts.append(out)
+            else:
+                index = len(parts)
+                parts.append(None)
+                waits.append(out.addCallback(_setter(parts, index)))
+
+        def flush(_: Any = None) -> None:
+            body = [p for p in parts if p is not None]
+            if body:
+                send(b"[" + b",".join(body) + b"]")
+
+        if waits:
+            gatherResults(waits).addCallback(flush).addErrback(
+                lambda f: self._log.failure("batch reply failed", failure=f)
+            )
+        else:
+            flush()
+
+    # -- replies -------------------------------------------------------------
+
+    def _encode(self, rid: Any, method: str, result: Any) -> bytes:
+        try:
+            frame = encode_result(rid, result)
+        except Exception as e:
+            return self._error(rid, method, e)
+        if len(frame) > self.max_message_bytes:
+            return encode_error(
+                rid,
+                INTERNAL_ERROR,
+                f"response too large: {len(frame)} bytes exceeds the {self.max_message_bytes}-byte message limit",
+                {"bytes": len(frame), "limit": self.max_message_bytes},
+            )
+        return frame
+
+    def _error(self, rid: Any, method: str | None, exc: BaseException) -> bytes:
+        code, message, data = error_for(exc, method)
+        return encode_error(rid, code, message, data)
+
+    def _send_deferred(self, frame: bytes | None, session: Any) -> None:
+        if frame is not None:
+            session.channel.send(frame)
+
+    def _log_notification_failure(self, failure: Failure, method: str) -> None:
+        if isinstance(failure.value, RpcError):
+            self._log.info(
+                "notification {method} failed: {message}",
+                method=method,
+                message=failure.value.message,
+            )
+        else:
+            self._log.failure("notification {method} failed", failure=failure, method=method)
+
+    def _deny(self, session: Any, rid: Any) -> None:
+        """The auth gate: ``-32001``, then close without waiting for the peer."""
+        self._log.info(
+            "client {client_id} refused: not authenticated", client_id=session.client_id
+        )
+        session.channel.send(
+            encode_error(
+                rid,
+                AUTH_REQUIRED,
+                "auth required: call session.auth with the daemon token before any other method",
+            )
+        )
+        session.channel.sink.close(1008, "auth required")
+
+
+def _setter(parts: list, index: int) -> Any:
+    def fill(frame: bytes | None) -> None:
+        parts[index] = frame
+
+    return fill

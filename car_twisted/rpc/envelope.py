@@ -1,0 +1,117 @@
+"""
+The JSON-RPC 2.0 envelope: decoding frames and encoding replies.
+
+orjson does the work (measured +10-20 % over the stdlib codec on this
+path); the encoders build the envelope bytes directly so a reply costs one
+``dumps`` of the payload.  Ids keep their JSON type: an integer request id
+is answered with the same integer.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import attrs
+import orjson
+
+from car_twisted.errors import INTERNAL_ERROR
+
+__all__ = [
+    "MAX_ID_LEN",
+    "MAX_METHOD_LEN",
+    "DecodeError",
+    "loads",
+    "dumps",
+    "valid_id",
+    "encode_result",
+    "encode_error",
+    "encode_notification",
+    "encode_request",
+]
+
+MAX_ID_LEN = 256
+MAX_METHOD_LEN = 256
+_INT64 = 2**63
+
+
+class DecodeError(ValueError):
+    pass
+
+
+def loads(payload: bytes) -> Any:
+    try:
+        return orjson.loads(payload)
+    except orjson.JSONDecodeError as e:
+        raise DecodeError(str(e)) from None
+
+
+def _default(obj: Any) -> Any:
+    if attrs.has(type(obj)):
+        to_wire = getattr(obj, "to_wire", None)
+        return to_wire() if to_wire is not None else attrs.asdict(obj)
+    if isinstance(obj, (set, frozenset, tuple)):
+        return list(obj)
+    raise TypeError(f"cannot encode {type(obj).__name__} as JSON")
+
+
+def dumps(obj: Any) -> bytes:
+    """
+    Encode C{obj}; attrs instances are encoded by their C{to_wire()} (or
+    their fields).  Integers beyond 64 bits fall back to the stdlib codec.
+    """
+    try:
+        return orjson.dumps(obj, default=_default)
+    except TypeError as e:
+        if "64-bit" not in str(e):
+            raise
+        return json.dumps(obj, default=_default, separators=(",", ":")).encode()
+
+
+def valid_id(value: Any) -> bool:
+    """JSON-RPC ids we accept: bounded strings, 64-bit integers, null."""
+    t = type(value)
+    if t is int:
+        return -_INT64 <= value < _INT64
+    if t is str:
+        return len(value) <= MAX_ID_LEN
+    return value is None
+
+
+def _id_bytes(request_id: Any) -> bytes:
+    if type(request_id) is int:
+        return str(request_id).encode()
+    return orjson.dumps(request_id)
+
+
+def encode_result(request_id: Any, result: Any) -> bytes:
+    return b"".join(
+        (
+            b'{"jsonrpc":"2.0","id":',
+            _id_bytes(request_id),
+            b',"result":',
+            dumps(result),
+            b"}",
+        )
+    )
+
+
+def encode_error(request_id: Any, code: int, message: str, data: Any = None) -> bytes:
+    err: dict[str, Any] = {"code": code, "message": message}
+    if data is not None:
+        err["data"] = data
+    try:
+        body = dumps(err)
+    except TypeError:
+        body = dumps({"code": INTERNAL_ERROR, "message": message})
+    return b"".join(
+        (b'{"jsonrpc":"2.0","id":', _id_bytes(request_id), b',"error":', body, b"}")
+    )
+
+
+def encode_notification(method: str, params: Any) -> bytes:
+    return dumps({"jsonrpc": "2.0", "method": method, "params": params})
+
+
+def encode_request(request_id: Any, method: str, params: Any) -> bytes:
+    return dumps({"jsonrpc": "2.0", "id": request_id, "method": method, "params": params})

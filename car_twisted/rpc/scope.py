@@ -1,0 +1,78 @@
+"""
+Which unknown methods are out of this daemon's scope, and why.
+
+A method outside scope (model inference, coder, browser, OS integrations,
+Parslee account sign-in, MCP) answers ``-32601`` saying it is not
+implemented by this daemon, never a fake result.  Any other unknown
+method is simply "method not found".
+"""
+
+from __future__ import annotations
+
+__all__ = ["out_of_scope_reason", "HANDSHAKE_GATED_PREFIXES", "HANDSHAKE_GATED_METHODS"]
+
+_INFERENCE = "model inference is out of this daemon's scope"
+_OS = "OS integrations are out of this daemon's scope"
+
+_EXACT = {
+    "infer": _INFERENCE,
+    "infer_stream": _INFERENCE,
+    "embed": _INFERENCE,
+    "generate": _INFERENCE,
+    "rerank": _INFERENCE,
+    "tokenize": _INFERENCE,
+    "transcribe": _INFERENCE,
+    "synthesize": _INFERENCE,
+    "classify": _INFERENCE,
+    "search": "web search is out of this daemon's scope",
+    "web_fetch": "web fetching is out of this daemon's scope",
+}
+
+_PREFIXES = (
+    ("infer.", _INFERENCE),
+    ("inference.", _INFERENCE),
+    ("models.", _INFERENCE),
+    ("speech.", _INFERENCE),
+    ("vision.", _INFERENCE),
+    ("video.", _INFERENCE),
+    ("nlp.", _INFERENCE),
+    ("coder.", "the coder is out of this daemon's scope"),
+    ("browser.", "browser automation is out of this daemon's scope"),
+    ("automation.", _OS),
+    ("mail.", _OS),
+    ("calendar.", _OS),
+    ("messages.", _OS),
+    ("contacts.", _OS),
+    ("notes.", _OS),
+    ("reminders.", _OS),
+    ("photos.", _OS),
+    ("bookmarks.", _OS),
+    ("files.", _OS),
+    ("keychain.", _OS),
+    ("health.", _OS),
+    ("secret.", _OS),
+    ("accounts.", _OS),
+    ("auth.", "Parslee account sign-in is out of this daemon's scope"),
+    ("parslee.", "Parslee account services are out of this daemon's scope"),
+    ("openrouter.", "account connections are out of this daemon's scope"),
+    ("openai_codex.", "account connections are out of this daemon's scope"),
+    ("mcp.", "the MCP endpoint is out of this daemon's scope"),
+)
+
+# Methods refused with -32005 until the connection has negotiated.
+HANDSHAKE_GATED_METHODS = frozenset({"host.subscribe"})
+HANDSHAKE_GATED_PREFIXES = ("auth.",)
+
+
+def out_of_scope_reason(method: str) -> str | None:
+    reason = _EXACT.get(method)
+    if reason is not None:
+        return reason
+    for prefix, why in _PREFIXES:
+        if method.startswith(prefix):
+            return why
+    return None
+
+
+def handshake_gated(method: str) -> bool:
+    return method in HANDSHAKE_GATED_METHODS or method.startswith(HANDSHAKE_GATED_PREFIXES)

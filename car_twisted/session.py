@@ -1,0 +1,83 @@
+"""
+``ClientSession``: everything the daemon knows about one connection.
+
+Mutable by design (auth state, negotiated protocol, bindings change over
+the connection's life); created by ``ServerState.open_session`` and closed
+exactly once by ``ServerState.close_session``, which runs the registered
+cleanups in reverse order.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import attrs
+from twisted.internet.interfaces import IDelayedCall
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from car_twisted.interfaces import IClientSession
+from car_twisted.ws.channel import WsChannel
+
+__all__ = ["ClientSession", "ROLE_HOST"]
+
+ROLE_HOST = "host"
+
+_log = Logger()
+
+
+@implementer(IClientSession)
+@attrs.define(eq=False)
+class ClientSession:
+    """
+    @ivar role: ``"host"`` after a host-token auth, else None.
+    @ivar agent_id: the supervised agent this connection is bound to.
+    @ivar protocol_version: set by ``server.handshake``; None until then.
+    @ivar in_flight: requests answered asynchronously and not yet done.
+    @ivar binary_handler: receives binary frames (voice streams).
+    """
+
+    client_id: str
+    channel: WsChannel
+    state: Any = attrs.field(repr=False)
+    authenticated: bool = False
+    role: str | None = None
+    agent_id: str | None = None
+    memory_namespace: str | None = None
+    protocol_version: int | None = None
+    client_version: str | None = None
+    required_capabilities: tuple[str, ...] = ()
+    auth_failures: int = 0
+    in_flight: int = 0
+    binary_handler: Callable[["ClientSession", bytes], None] | None = None
+    auth_timer: IDelayedCall | None = attrs.field(default=None, repr=False)
+    closed: bool = False
+    _cleanups: list[Callable[[], Any]] = attrs.field(factory=list, repr=False)
+
+    @property
+    def is_host(self) -> bool:
+        return self.role == ROLE_HOST
+
+    def on_close(self, cleanup: Callable[[], Any]) -> None:
+        """Run C{cleanup} once when the connection goes (now, if gone)."""
+        if self.closed:
+            _run_cleanup(self, cleanup)
+        else:
+            self._cleanups.append(cleanup)
+
+    def run_cleanups(self) -> None:
+        """Called once by the state on disconnect."""
+        cleanups, self._cleanups = self._cleanups, []
+        for cleanup in reversed(cleanups):
+            _run_cleanup(self, cleanup)
+
+
+def _run_cleanup(session: ClientSession, cleanup: Callable[[], Any]) -> None:
+    try:
+        cleanup()
+    except Exception:
+        _log.failure(
+            "cleanup {cleanup!r} failed for client {client_id}",
+            cleanup=cleanup,
+            client_id=session.client_id,
+        )

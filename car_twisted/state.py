@@ -1,0 +1,154 @@
+"""
+``ServerState``: one per daemon, holding every registry.
+
+No locks: the reactor thread is the lock.  A check-then-act that spans a
+Deferred must re-check after it, because pipelined requests interleave
+there.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from typing import Any, Iterable, Mapping
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from zope.interface import Interface
+
+from car_twisted._version import SUPPORTED_PROTOCOL_VERSIONS
+from car_twisted._version import __version__
+from car_twisted.adapters import default_registry
+from car_twisted.auth import mint_token
+from car_twisted.config import ServerStateConfig
+from car_twisted.interfaces import IWsSink
+from car_twisted.rpc.registry import MethodRegistry, MethodSpec
+from car_twisted.session import ClientSession
+from car_twisted.ws.channel import WsChannel
+
+__all__ = ["ServerState", "SUPPORTED_PROTOCOL_VERSIONS", "SERVER_VERSION"]
+
+SERVER_VERSION = __version__
+
+
+def _builtin_providers(state: "ServerState") -> Iterable[Any]:
+    # Imported here: the method modules import ServerState for typing only,
+    # and keeping the table assembly in one call keeps start-up explicit.
+    from car_twisted.methods.server import ServerMethods
+    from car_twisted.methods.session import SessionMethods
+
+    return (SessionMethods(state), ServerMethods(state))
+
+
+class ServerState:
+    """
+    @ivar config: the frozen ``ServerStateConfig``.
+    @ivar clock: the reactor (or a ``Clock`` in tests) for every timer.
+    @ivar methods: the JSON-RPC method table.
+    @ivar components: this daemon's adapter registry.
+    @ivar sessions: live sessions by client id.
+    """
+
+    _log = Logger()
+
+    def __init__(self, config: ServerStateConfig, clock: IReactorTime) -> None:
+        self.config = config
+        self.clock = clock
+        self.auth_token: str | None = (
+            (config.auth_token or mint_token()) if config.auth_enabled else None
+        )
+        self.host_token: str = config.host_token or mint_token()
+        self.components = default_registry(config.adapters)
+        self.agent_identities = config.agent_identities
+        self.sessions: dict[str, ClientSession] = {}
+        self._ids = itertools.count(1)
+        self.methods = MethodRegistry()
+        for provider in _builtin_providers(self):
+            self.methods.add_provider(provider)
+        for provider in config.method_providers:
+            self.methods.add_provider(provider)
+        for spec in config.methods:
+            self.methods.register(spec)
+
+    def __repr__(self) -> str:
+        return f"<ServerState auth={self.auth_enabled} sessions={len(self.sessions)}>"
+
+    @classmethod
+    def standalone(
+        cls,
+        clock: IReactorTime,
+        environ: Mapping[str, str] | None = None,
+        **options: Any,
+    ) -> "ServerState":
+        """
+        The daemon's defaults, from the environment (``CAR_HOME``,
+        ``CAR_NO_AUTH``, ``CAR_AUTH_TOKEN``, ``CAR_HANDLER_TIMEOUT``) and
+        the ``ServerStateConfig.from_environ`` keyword options.
+        """
+        env = os.environ if environ is None else environ
+        return cls(ServerStateConfig.from_environ(env, **options), clock)
+
+    @property
+    def auth_enabled(self) -> bool:
+        return self.auth_token is not None
+
+    # -- methods -----------------------------------------------------------
+
+    def register_method(
+        self, name: str, handler: Any, params: type | None = None, **kwargs: Any
+    ) -> MethodSpec:
+        """Add (or replace) a JSON-RPC method; see ``MethodSpec``."""
+        spec = MethodSpec(name=name, handler=handler, params=params, **kwargs)
+        self.methods.register(spec)
+        return spec
+
+    def capability_names(self) -> set[str]:
+        """What ``required_capabilities`` may name: methods and namespaces."""
+        names = set(self.methods.names())
+        names.update(n.split(".", 1)[0] for n in list(names) if "." in n)
+        return names
+
+    # -- components --------------------------------------------------------
+
+    def component(self, obj: Any, iface: type[Interface], default: Any = None) -> Any:
+        """Adapt C{obj} to C{iface} through this daemon's own registry."""
+        if iface.providedBy(obj):
+            return obj
+        return self.components.queryAdapter(obj, iface, "", default)
+
+    # -- sessions ----------------------------------------------------------
+
+    def open_session(self, sink: IWsSink) -> ClientSession:
+        client_id = f"c{next(self._ids)}"
+        channel = WsChannel(sink, self.clock)
+        session = ClientSession(client_id=client_id, channel=channel, state=self)
+        if self.auth_enabled:
+            session.auth_timer = self.clock.callLater(
+                self.config.auth_timeout, self._auth_expired, session
+            )
+        else:
+            session.authenticated = True
+        self.sessions[client_id] = session
+        return session
+
+    def _auth_expired(self, session: ClientSession) -> None:
+        session.auth_timer = None
+        if not session.authenticated and not session.closed:
+            self._log.info(
+                "client {client_id} did not authenticate within {secs}s; closing",
+                client_id=session.client_id,
+                secs=self.config.auth_timeout,
+            )
+            session.channel.sink.close(1008, "authentication timeout")
+
+    def close_session(self, session: ClientSession) -> None:
+        """Tear a session down exactly once."""
+        if session.closed:
+            return
+        session.closed = True
+        self.sessions.pop(session.client_id, None)
+        if session.auth_timer is not None and session.auth_timer.active():
+            session.auth_timer.cancel()
+        session.auth_timer = None
+        session.channel.close()
+        session.run_cleanups()
