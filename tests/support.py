@@ -1,0 +1,244 @@
+"""
+Shared test helpers: an in-memory sink, a real WebSocket test client, and
+a way to run the real server on loopback TCP and UNIX sockets.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import attrs
+from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from twisted.internet import defer
+from twisted.internet.endpoints import clientFromString
+from twisted.internet.task import Clock
+from zope.interface import implementer
+
+from car_twisted.config import ServerStateConfig
+from car_twisted.interfaces import IWsSink
+from car_twisted.paths import CarPaths
+from car_twisted.service import make_car_service, unix_socket_description
+from car_twisted.state import ServerState
+
+TOKEN = "test-daemon-token-0123456789abcdefghijklmnopq"
+HOST_TOKEN = "test-host-token-0123456789abcdefghijklmnopqrs"
+
+
+@implementer(IWsSink)
+class FakeSink:
+    """Records frames; ``close`` marks it closed like the real protocol."""
+
+    def __init__(self) -> None:
+        self.frames: list[bytes] = []
+        self.binary: list[bytes] = []
+        self.closed_with: tuple[int, str] | None = None
+        self.writable = True
+
+    def send_text(self, payload: bytes) -> bool:
+        if not self.writable:
+            return False
+        self.frames.append(payload)
+        return True
+
+    def send_binary(self, payload: bytes) -> bool:
+        if not self.writable:
+            return False
+        self.binary.append(payload)
+        return True
+
+    def close(self, code: int, reason: str) -> None:
+        if self.writable:
+            self.closed_with = (code, reason)
+            self.writable = False
+
+    def messages(self) -> list[Any]:
+        return [json.loads(f) for f in self.frames]
+
+    def pop(self) -> list[Any]:
+        out = self.messages()
+        self.frames.clear()
+        return out
+
+
+def make_config(tmp_path: Path, **overrides: Any) -> ServerStateConfig:
+    home = tmp_path / "car-home"
+    kwargs: dict[str, Any] = dict(
+        paths=CarPaths.resolve({"CAR_HOME": str(home)}),
+        auth_token=TOKEN,
+        host_token=HOST_TOKEN,
+    )
+    kwargs.update(overrides)
+    return ServerStateConfig(**kwargs)
+
+
+def make_state(tmp_path: Path, clock: Any = None, **overrides: Any) -> ServerState:
+    return ServerState(make_config(tmp_path, **overrides), clock or Clock())
+
+
+def request(method: str, params: Any = None, rid: Any = 1) -> bytes:
+    msg: dict[str, Any] = {"jsonrpc": "2.0", "id": rid, "method": method}
+    if params is not None:
+        msg["params"] = params
+    return json.dumps(msg).encode()
+
+
+# -- a real WebSocket client ---------------------------------------------------
+
+
+class _ClientProtocol(WebSocketClientProtocol):
+    def onOpen(self) -> None:
+        self.factory.owner._opened(self)
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        self.factory.owner._received(payload, isBinary)
+
+    def onClose(self, wasClean: bool, code: Any, reason: Any) -> None:
+        self.factory.owner._closed_with(code, reason)
+
+
+@attrs.define
+class WsTestClient:
+    """
+    A real Autobahn client: ``call`` sends a request and waits for the
+    response with that id; everything received is kept in ``received``.
+    """
+
+    protocol: Any = None
+    received: list[Any] = attrs.field(factory=list)
+    binary: list[bytes] = attrs.field(factory=list)
+    close_code: Any = None
+    closed: defer.Deferred = attrs.field(factory=defer.Deferred)
+    _opened_d: defer.Deferred = attrs.field(factory=defer.Deferred)
+    _waiters: dict[Any, defer.Deferred] = attrs.field(factory=dict)
+    _next: int = 100
+    _frame_waiters: list[defer.Deferred] = attrs.field(factory=list)
+
+    @classmethod
+    async def connect(
+        cls, reactor: Any, endpoint: str, url: str = "ws://localhost/", headers: Any = None
+    ) -> "WsTestClient":
+        client = cls()
+        factory = WebSocketClientFactory(url, headers=headers or {}, reactor=reactor)
+        factory.protocol = _ClientProtocol
+        factory.owner = client
+        ep = clientFromString(reactor, endpoint)
+        await ep.connect(factory)
+        await client._opened_d
+        return client
+
+    def _opened(self, protocol: Any) -> None:
+        self.protocol = protocol
+        self._opened_d.callback(self)
+
+    def _received(self, payload: bytes, is_binary: bool) -> None:
+        if is_binary:
+            self.binary.append(payload)
+            return
+        msg = json.loads(payload)
+        self.received.append(msg)
+        waiters, self._frame_waiters = self._frame_waiters, []
+        for d in waiters:
+            d.callback(msg)
+        if isinstance(msg, dict) and "id" in msg and ("result" in msg or "error" in msg):
+            key = (type(msg["id"]).__name__, msg["id"])
+            d = self._waiters.pop(key, None)
+            if d is not None:
+                d.callback(msg)
+
+    def _closed_with(self, code: Any, reason: Any) -> None:
+        self.close_code = code
+        for d in self._waiters.values():
+            d.errback(ConnectionError(f"closed ({code})"))
+        self._waiters.clear()
+        if not self.closed.called:
+            self.closed.callback(code)
+        if not self._opened_d.called:
+            self._opened_d.errback(ConnectionError(f"closed before open ({code}: {reason})"))
+
+    def send_raw(self, payload: bytes | str, binary: bool = False) -> None:
+        if isinstance(payload, str):
+            payload = payload.encode()
+        self.protocol.sendMessage(payload, isBinary=binary)
+
+    def send(self, method: str, params: Any = None, rid: Any = None) -> defer.Deferred:
+        if rid is None:
+            self._next += 1
+            rid = self._next
+        d = defer.Deferred()
+        self._waiters[(type(rid).__name__, rid)] = d
+        msg: dict[str, Any] = {"jsonrpc": "2.0", "id": rid, "method": method}
+        if params is not None:
+            msg["params"] = params
+        self.send_raw(json.dumps(msg))
+        return d
+
+    async def call(self, method: str, params: Any = None, rid: Any = None) -> Any:
+        return await self.send(method, params, rid)
+
+    async def result(self, method: str, params: Any = None) -> Any:
+        msg = await self.call(method, params)
+        assert "result" in msg, msg
+        return msg["result"]
+
+    def next_frame(self) -> defer.Deferred:
+        d = defer.Deferred()
+        self._frame_waiters.append(d)
+        return d
+
+    async def authenticate(self, token: str = TOKEN, handshake: bool = True) -> None:
+        reply = await self.call("session.auth", {"token": token}, rid=0)
+        assert reply["result"]["ok"] is True, reply
+        if handshake:
+            reply = await self.call(
+                "server.handshake",
+                {"protocol_version": 3, "client_version": "test", "required_capabilities": []},
+                rid=2,
+            )
+            assert reply["result"]["protocol_version"] == 3, reply
+
+    def drop(self) -> None:
+        if self.protocol is not None and self.protocol.transport is not None:
+            self.protocol.transport.abortConnection()
+
+
+# -- the real server on loopback ----------------------------------------------------
+
+
+@attrs.define
+class RunningServer:
+    state: ServerState
+    service: Any
+    tcp: str
+    unix: str
+    reactor: Any
+
+    def endpoint(self, kind: str) -> str:
+        return self.tcp if kind == "tcp" else self.unix
+
+    async def client(self, kind: str = "tcp", **kw: Any) -> WsTestClient:
+        return await WsTestClient.connect(self.reactor, self.endpoint(kind), **kw)
+
+    async def stop(self) -> None:
+        # Drop every server-side connection first so no stray transport outlives the test.
+        for session in list(self.state.sessions.values()):
+            session.channel.sink.dropConnection(abort=True)
+        await defer.maybeDeferred(self.service.stopService)
+
+
+async def start_server(reactor: Any, tmp_path: Path, state: ServerState | None = None, **overrides: Any) -> RunningServer:
+    if state is None:
+        state = ServerState(make_config(tmp_path, **overrides), reactor)
+    sock = tmp_path / "run" / "car.sock"
+    service = make_car_service(state, reactor, ["tcp:0:interface=127.0.0.1", unix_socket_description(sock)])
+    service.startService()
+    listeners = list(service)
+    port = listeners[0].port.getHost().port
+    return RunningServer(
+        state=state,
+        service=service,
+        tcp=f"tcp:127.0.0.1:{port}",
+        unix=f"unix:{sock}",
+        reactor=reactor,
+    )
