@@ -183,7 +183,7 @@ class CarServerProtocol(WebSocketServerProtocol):
 
     @property
     def writable(self) -> bool:
-        return self.state == _OPEN
+        return getattr(self, "state", None) == _OPEN
 
     def send_text(self, payload: bytes) -> bool:
         if self.state != _OPEN:

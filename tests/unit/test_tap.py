@@ -1,0 +1,88 @@
+"""The twist plugin and its options."""
+
+import os
+import stat
+
+import pytest
+from twisted.application.service import IServiceMaker
+from twisted.internet.testing import MemoryReactorClock
+from twisted.plugin import getPlugins
+from twisted.python import usage
+
+from car_twisted import tap
+from car_twisted.service import (
+    CarDaemonService,
+    secure_endpoint_description,
+    tcp_port,
+    unix_path,
+    unix_socket_description,
+)
+
+
+def test_plugin_is_discoverable():
+    """twist finds exactly one plugin named car."""
+    makers = [p for p in getPlugins(IServiceMaker) if p.tapname == "car"]
+    assert len(makers) == 1
+    assert makers[0].options is tap.Options
+
+
+def test_listen_is_repeatable(monkeypatch):
+    monkeypatch.delenv("CAR_HOME", raising=False)
+    opts = tap.Options()
+    opts.parseOptions(["--listen", "tcp:1", "--listen", "unix:/tmp/x.sock", "--no-auth"])
+    assert opts["listen"] == ["tcp:1", "unix:/tmp/x.sock"]
+    assert opts.config_kwargs["no_auth"] is True
+
+
+@pytest.mark.parametrize("args,env", [(["--car-home", "rel/dir"], {}), ([], {"CAR_HOME": "rel"})])
+def test_relative_car_home_exits_2(monkeypatch, capsys, args, env):
+    """A relative state root exits with status 2 and names the value."""
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(SystemExit) as e:
+        tap.Options().parseOptions(args)
+    assert e.value.code == 2
+    bad = args[1] if args else env["CAR_HOME"]
+    assert repr(bad) in capsys.readouterr().err
+
+
+def test_unknown_option_is_usage_error():
+    with pytest.raises(usage.UsageError):
+        tap.Options().parseOptions(["--bogus"])
+
+
+def test_make_service_defaults(tmp_path, monkeypatch):
+    """makeService builds the daemon service on a memory reactor: TCP 9100 plus the 0600 socket."""
+    monkeypatch.setenv("CAR_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("CAR_AUTH_TOKEN", raising=False)
+    opts = tap.Options()
+    opts.parseOptions([])
+    reactor = MemoryReactorClock()
+    service = tap.makeService(opts, reactor)
+    assert isinstance(service, CarDaemonService)
+    service.startService()
+    try:
+        (tcp,) = reactor.tcpServers
+        assert tcp[0] == 9100 and tcp[3] == "127.0.0.1"
+        (unix,) = reactor.unixServers
+        assert unix[0] == str(tmp_path / "home" / "run" / "car-server.sock")
+        assert unix[3] == 0o600
+        token_file = tmp_path / "home" / "ai.parslee.car" / "auth-token"
+        assert stat.S_IMODE(os.stat(token_file).st_mode) == 0o600
+        assert token_file.read_text().strip() == service.state.auth_token
+    finally:
+        service.stopService()
+    assert not token_file.exists()
+
+
+def test_endpoint_strings():
+    assert secure_endpoint_description("unix:/tmp/a.sock") == "unix:/tmp/a.sock:mode=600"
+    assert secure_endpoint_description("unix:/tmp/a.sock:mode=660") == "unix:/tmp/a.sock:mode=660"
+    assert secure_endpoint_description("unix:address=/tmp/a.sock:lockfile=1") == "unix:address=/tmp/a.sock:lockfile=1:mode=600"
+    assert secure_endpoint_description("tcp:9100:interface=127.0.0.1") == "tcp:9100:interface=127.0.0.1"
+    assert unix_path("unix:address=/tmp/a.sock:lockfile=1") == __import__("pathlib").Path("/tmp/a.sock")
+    assert tcp_port("tcp:port=9200:interface=127.0.0.1") == 9200
+    assert tcp_port("unix:/x") is None
+    d = unix_socket_description(__import__("pathlib").Path("/tmp/a:b.sock"))
+    assert d == "unix:/tmp/a\\:b.sock:mode=600:lockfile=1"
+    assert unix_path(d) == __import__("pathlib").Path("/tmp/a:b.sock")
