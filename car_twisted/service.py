@@ -178,12 +178,19 @@ class CarDaemonService(MultiService):
 
     _log = Logger()
 
-    def __init__(self, state: Any, reactor: Any, listen: Sequence[str] | None) -> None:
+    def __init__(
+        self,
+        state: Any,
+        reactor: Any,
+        listen: Sequence[str] | None,
+        port: int = DEFAULT_TCP_PORT,
+    ) -> None:
         super().__init__()
         self.state = state
         self.reactor = reactor
         self.paths = state.config.paths
         self.explicit_listen = list(listen) if listen else None
+        self.port = port
         self.factory = CarServerFactory(state, reactor=reactor)
         self.lock = PrimaryLock(self.paths.lock_file)
         self.primary = False
@@ -207,7 +214,7 @@ class CarDaemonService(MultiService):
         if self.explicit_listen is not None:
             listen = self.explicit_listen
         else:
-            listen = [f"tcp:{DEFAULT_TCP_PORT}:interface=127.0.0.1", "unix-default"]
+            listen = [f"tcp:{self.port}:interface=127.0.0.1", "unix-default"]
         try:
             for description in listen:
                 if description == "unix-default":
@@ -236,7 +243,7 @@ class CarDaemonService(MultiService):
                 for s in self
                 if s.port is not None and hasattr(s.port.getHost(), "port")
             ]
-            port = tcp_ports[0] if tcp_ports else DEFAULT_TCP_PORT
+            port = tcp_ports[0] if tcp_ports else self.port
             path = self.paths.secondary_socket(port)
             self._log.warn(
                 "secondary daemon: binding {path} instead of the shared socket", path=str(path)
@@ -274,7 +281,13 @@ class CarDaemonService(MultiService):
 
 
 def make_daemon_service(
-    state: Any, reactor: Any, listen: Sequence[str] | None = None
+    state: Any,
+    reactor: Any,
+    listen: Sequence[str] | None = None,
+    port: int = DEFAULT_TCP_PORT,
 ) -> CarDaemonService:
-    """The ``twist car`` service: listeners plus the daemon's own duties."""
-    return CarDaemonService(state, reactor, listen)
+    """
+    The ``twist car`` service: listeners plus the daemon's own duties.
+    Without C{listen}: TCP C{port} on 127.0.0.1 and the UNIX socket.
+    """
+    return CarDaemonService(state, reactor, listen, port)

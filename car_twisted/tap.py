@@ -15,7 +15,7 @@ from twisted.python import usage
 
 from car_twisted._reactor import maybe_global_reactor
 from car_twisted.paths import ConfigError
-from car_twisted.service import make_daemon_service
+from car_twisted.service import DEFAULT_TCP_PORT, make_daemon_service
 from car_twisted.state import ServerState
 
 __all__ = ["Options", "makeService", "EXIT_CONFIG"]
@@ -36,6 +36,7 @@ class Options(usage.Options):
         ["auth-token", None, None, "Pin the daemon token instead of minting one (also CAR_AUTH_TOKEN)."],
         ["car-home", None, None, "State root, an absolute path (also CAR_HOME; default ~/.car)."],
         ["allow-origin", None, None, "Extra browser Origin pattern allowed to upgrade (repeatable)."],
+        ["port", None, DEFAULT_TCP_PORT, "TCP port of the default loopback listener.", int],
     ]
 
     def __init__(self) -> None:
@@ -73,4 +74,4 @@ class Options(usage.Options):
 def makeService(options: Options, reactor: Any = None) -> Any:
     reactor = maybe_global_reactor(reactor)
     state = ServerState.standalone(reactor, **getattr(options, "config_kwargs", {}))
-    return make_daemon_service(state, reactor, options["listen"] or None)
+    return make_daemon_service(state, reactor, options["listen"] or None, port=options["port"])
