@@ -9,9 +9,11 @@ without one.
 
 from __future__ import annotations
 
+import reprlib
 from typing import Any
 
 __all__ = [
+    "short_repr",
     "PARSE_ERROR",
     "INVALID_REQUEST",
     "METHOD_NOT_FOUND",
@@ -45,6 +47,17 @@ APPROVAL_DENIED = -32003
 HANDLER_DEADLINE = -32004
 HANDSHAKE_REQUIRED = -32005
 PROTOCOL_MISMATCH = -32006
+
+
+_repr = reprlib.Repr()
+_repr.maxlevel = 3
+_repr.maxstring = 60
+_repr.maxother = 60
+
+
+def short_repr(value: Any) -> str:
+    """A bounded repr of a wire value for error messages (no deep recursion)."""
+    return _repr.repr(value)
 
 
 class RpcError(Exception):

@@ -17,7 +17,7 @@ from zope.interface import implementer
 
 from car_twisted._version import SUPPORTED_PROTOCOL_VERSIONS
 from car_twisted._version import __version__ as SERVER_VERSION
-from car_twisted.errors import ProtocolMismatch
+from car_twisted.errors import ProtocolMismatch, short_repr
 from car_twisted.interfaces import IMethodProvider
 from car_twisted.rpc.params import describe_params
 from car_twisted.rpc.registry import MethodSpec
@@ -81,7 +81,7 @@ class ServerMethods:
         version = _version_number(p.protocol_version)
         if version is None:
             raise ProtocolMismatch(
-                f"protocol version mismatch: protocol_version must be a number, got {p.protocol_version!r}",
+                f"protocol version mismatch: protocol_version must be a number, got {short_repr(p.protocol_version)}",
                 data={"supported": list(SUPPORTED_PROTOCOL_VERSIONS)},
             )
         if version not in SUPPORTED_PROTOCOL_VERSIONS:

@@ -273,15 +273,18 @@ class Dispatcher:
             self._deny(session, None)
             return
         parts: list[bytes | None] = []
+        ids: list[Any] = []
         waits: list[Deferred] = []
         for item in items:
-            out = (
-                self._handle(session, item)
-                if type(item) is dict
-                else encode_error(None, INVALID_REQUEST, "invalid request: batch entries must be objects")
-            )
+            if type(item) is dict:
+                out = self._handle(session, item)
+                rid = item.get("id")
+            else:
+                out = encode_error(None, INVALID_REQUEST, "invalid request: batch entries must be objects")
+                rid = None
             if out is None:
                 continue
+            ids.append(rid if valid_id(rid) else None)
             if type(out) is bytes:
                 parts.append(out)
             else:
@@ -291,8 +294,21 @@ class Dispatcher:
 
         def flush(_: Any = None) -> None:
             body = [p for p in parts if p is not None]
-            if body:
-                send(b"[" + b",".join(body) + b"]")
+            if not body:
+                return
+            frame = b"[" + b",".join(body) + b"]"
+            if len(frame) > self.max_message_bytes:
+                # Keep one answer per request so the client can correlate.
+                text = (
+                    f"batch response too large: {len(frame)} bytes exceeds the "
+                    f"{self.max_message_bytes}-byte message limit; send the requests separately"
+                )
+                frame = b"[" + b",".join(
+                    encode_error(rid, INTERNAL_ERROR, text)
+                    for rid, p in zip(ids, parts)
+                    if p is not None
+                ) + b"]"
+            send(frame)
 
         if waits:
             gatherResults(waits).addCallback(flush).addErrback(
@@ -319,7 +335,11 @@ class Dispatcher:
 
     def _error(self, rid: Any, method: str | None, exc: BaseException) -> bytes:
         code, message, data = error_for(exc, method)
-        return encode_error(rid, code, message, data)
+        frame = encode_error(rid, code, message, data)
+        if len(frame) > self.max_message_bytes:
+            # Errors obey the message cap too: keep the code, trim the rest.
+            frame = encode_error(rid, code, message[:512] + " [truncated]")
+        return frame
 
     def _send_deferred(self, frame: bytes | None, session: Any) -> None:
         if frame is not None:

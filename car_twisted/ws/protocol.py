@@ -232,6 +232,9 @@ class CarServerFactory(WebSocketServerFactory):
             allowedOrigins=["*"],
             allowNullOrigin=False,
             maxConnections=config.max_connections,
+            # Send a real Close (1007, 1009, ...) before dropping, so the
+            # client learns why; the close handshake then times out fast.
+            failByDrop=False,
             openHandshakeTimeout=10,
             closeHandshakeTimeout=1,
             perMessageCompressionAccept=lambda offers: None,
