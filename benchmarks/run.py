@@ -1,0 +1,642 @@
+#!/usr/bin/env python3
+"""
+Throughput benchmark: the car-twisted daemon against two bare WebSocket
+JSON-RPC responders (Autobahn and ``websockets``), under the same Node.js
+load generator (``loadgen.js``, ``ws`` package).
+
+Each server runs as its own subprocess on a free loopback port.  For every
+shape ``CxD`` (C connections, D requests in flight on each) and every
+server, ``loadgen.js`` runs ``--warmup`` + ``--seconds``; the whole set is
+repeated ``--repeat`` times round-robin and the medians are reported, with
+the daemon/baseline throughput ratios per shape.
+
+    python benchmarks/run.py [--shapes 16x8,1x1] [--seconds 4] [--warmup 1]
+                             [--repeat 3] [--json out.json]
+
+Standard library only (plus ``node``/``npm`` on PATH).  See README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import importlib.metadata
+import importlib.util
+import json
+import os
+import platform
+import resource
+import secrets
+import selectors
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+LOADGEN = HERE / "loadgen.js"
+
+# name -> (label, script, takes --token)
+SERVERS: dict[str, tuple[str, str, bool]] = {
+    "car": ("car-twisted", "servers/car_server.py", True),
+    "autobahn": ("autobahn-bare", "servers/autobahn_bare.py", False),
+    "websockets": ("websockets-bare", "servers/websockets_bare.py", False),
+}
+BASELINES = ("autobahn", "websockets")
+
+SERVER_START_TIMEOUT = 20.0
+SERVER_STOP_TIMEOUT = 15.0  # generous: a cProfile'd server writes its stats on exit
+
+
+class BenchError(RuntimeError):
+    pass
+
+
+# -- child processes ------------------------------------------------------------
+
+try:
+    _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+except OSError:
+    _LIBC = None
+_PR_SET_PDEATHSIG = 1
+_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _child_setup(cpus: set[int] | None):
+    """preexec_fn: optional CPU pinning; on Linux, die with the runner."""
+
+    def setup() -> None:
+        if cpus:
+            os.sched_setaffinity(0, cpus)
+        if _LIBC is not None:
+            _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+    return setup
+
+
+def system_busy_seconds() -> float | None:
+    """CPU seconds all CPUs spent not idle since boot (Linux /proc/stat)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    # user nice system idle iowait irq softirq steal ...
+    values = [int(v) for v in fields[1:9]]
+    return (sum(values) - values[3] - values[4]) / _CLK_TCK
+
+
+def process_cpu_seconds(exclude: set[int]) -> dict[int, float]:
+    """
+    CPU seconds used so far by every user-space process but C{exclude} and
+    this runner (Linux /proc; empty elsewhere).  Kernel threads are left
+    out: softirq work for our own loopback traffic lands there.
+    """
+    me = os.getpid()
+    out: dict[int, float] = {}
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return out
+    for name in names:
+        if not name.isdigit():
+            continue
+        pid = int(name)
+        if pid == me or pid in exclude:
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        ppid = int(fields[1])
+        if pid == 2 or ppid == 2 or ppid == me:  # kernel threads; our own children
+            continue
+        out[pid] = (int(fields[11]) + int(fields[12])) / _CLK_TCK
+    return out
+
+
+def wait_until_quiet(max_busy_pct: float, timeout: float) -> float | None:
+    """
+    Wait (at most C{timeout} seconds) until the whole machine uses less than
+    C{max_busy_pct} % of one CPU over a 0.5 s sample.  @return: the last sample.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        b0, t0 = system_busy_seconds(), time.monotonic()
+        if b0 is None:
+            return None
+        time.sleep(0.5)
+        busy = 100.0 * (system_busy_seconds() - b0) / (time.monotonic() - t0)
+        if busy < max_busy_pct or time.monotonic() >= deadline:
+            return busy
+
+
+class Server:
+    def __init__(self, name: str, python: str, token: str, log_dir: Path,
+                 cpus: set[int] | None, profile: Path | None) -> None:
+        self.name = name
+        self.label, script, takes_token = SERVERS[name]
+        self.log_path = log_dir / f"{name}.log"
+        cmd = [python]
+        if profile is not None:
+            cmd += ["-m", "cProfile", "-o", str(profile)]
+        cmd += [str(HERE / script), "--port", "0"]
+        if takes_token:
+            cmd += ["--token", token]
+        self.cmd = cmd
+        self.cpus = cpus
+        self.proc: subprocess.Popen | None = None
+        self.port: int | None = None
+
+    def start(self) -> None:
+        log = open(self.log_path, "wb")
+        try:
+            self.proc = subprocess.Popen(
+                self.cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                bufsize=0,
+                preexec_fn=_child_setup(self.cpus),
+            )
+        finally:
+            log.close()
+        self.port = self._read_port()
+
+    def _read_port(self) -> int:
+        assert self.proc is not None and self.proc.stdout is not None
+        deadline = time.monotonic() + SERVER_START_TIMEOUT
+        buf = b""
+        with selectors.DefaultSelector() as sel:
+            sel.register(self.proc.stdout, selectors.EVENT_READ)
+            while b"\n" not in buf:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise BenchError(f"{self.label} did not report its port within "
+                                     f"{SERVER_START_TIMEOUT:.0f}s{self.log_tail()}")
+                if not sel.select(left):
+                    continue
+                chunk = os.read(self.proc.stdout.fileno(), 4096)
+                if not chunk:
+                    raise BenchError(f"{self.label} exited before listening "
+                                     f"(status {self.proc.wait()}){self.log_tail()}")
+                buf += chunk
+        line = buf.split(b"\n", 1)[0].decode(errors="replace").strip()
+        word, _, port = line.partition(" ")
+        if word != "LISTENING" or not port.isdigit():
+            raise BenchError(f"{self.label}: unexpected first line {line!r}{self.log_tail()}")
+        return int(port)
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/"
+
+    def check_alive(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            status = None if self.proc is None else self.proc.returncode
+            raise BenchError(f"{self.label} is not running (status {status}){self.log_tail()}")
+
+    def stop(self) -> None:
+        proc = self.proc
+        if proc is None:
+            return
+        self.proc = None
+        try:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(SERVER_STOP_TIMEOUT)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(5)
+        finally:
+            if proc.stdout is not None:
+                proc.stdout.close()
+
+    def cpu_seconds(self) -> float | None:
+        """User+system CPU seconds used so far (Linux /proc), else None."""
+        if self.proc is None:
+            return None
+        try:
+            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            return None
+        return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return ""
+        if not text:
+            return ""
+        return f"\n--- {self.log_path} (last {lines} lines) ---\n" + "\n".join(text[-lines:])
+
+
+def run_loadgen(node: str, server: Server, conns: int, depth: int, args: argparse.Namespace,
+                token: str, cpus: set[int] | None) -> dict:
+    cmd = [
+        node, str(LOADGEN),
+        "--url", server.url,
+        "--token", token,
+        "--conns", str(conns),
+        "--depth", str(depth),
+        "--seconds", str(args.seconds),
+        "--warmup", str(args.warmup),
+        "--max-requests", str(args.max_requests),
+    ]
+    limit = args.warmup + args.seconds + 40
+    server_cpu0 = server.cpu_seconds()
+    children0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    exclude = {server.proc.pid} if server.proc is not None else set()
+    procs0 = process_cpu_seconds(exclude)
+    busy0 = system_busy_seconds()
+    wall0 = time.monotonic()
+    try:
+        done = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                              timeout=limit, preexec_fn=_child_setup(cpus))
+    except subprocess.TimeoutExpired:
+        raise BenchError(f"loadgen against {server.label} did not finish within {limit:.0f}s")
+    wall = time.monotonic() - wall0
+    busy1 = system_busy_seconds()
+    procs1 = process_cpu_seconds(exclude)
+    children1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    server_cpu1 = server.cpu_seconds()
+    lines = done.stdout.strip().splitlines()
+    result = None
+    if lines:
+        try:
+            result = json.loads(lines[-1])
+        except ValueError:
+            result = None
+    if done.returncode != 0 or result is None:
+        detail = (result or {}).get("first_error")
+        raise BenchError(
+            f"loadgen against {server.label} failed (status {done.returncode})"
+            f"{': ' + json.dumps(detail) if detail else ''}\n{done.stderr.strip()}"
+            f"{server.log_tail()}"
+        )
+    # CPU use over the whole loadgen run (connect + warm-up + window + drain),
+    # in % of one core: near 100 means that process was the bottleneck.
+    result["loadgen_cpu_pct"] = 100.0 * (
+        (children1.ru_utime + children1.ru_stime) - (children0.ru_utime + children0.ru_stime)
+    ) / wall
+    result["server_cpu_pct"] = (
+        100.0 * (server_cpu1 - server_cpu0) / wall
+        if server_cpu0 is not None and server_cpu1 is not None else None
+    )
+    # Everything else the machine did meanwhile; a high figure means a
+    # disturbed run.  Two estimates, the larger counts: CPU time of the other
+    # processes (misses processes that came and went during the run), and
+    # the machine's busy time minus ours (tick-sampled, so it reads low by
+    # 10-20 points when the run is mostly wake-ups, as at 1x1).
+    by_process = sum(t - procs0.get(pid, 0.0) for pid, t in procs1.items())
+    estimates = [100.0 * by_process / wall]
+    if busy0 is not None and busy1 is not None and result["server_cpu_pct"] is not None:
+        estimates.append(100.0 * (busy1 - busy0) / wall
+                         - result["loadgen_cpu_pct"] - result["server_cpu_pct"])
+    result["other_cpu_pct"] = max(estimates)
+    result["wall_s"] = wall
+    if result["completed"] == 0:
+        raise BenchError(f"loadgen against {server.label}: no request completed{server.log_tail()}")
+    return result
+
+
+# -- set-up ---------------------------------------------------------------------
+
+def ensure_node_modules(npm: str) -> None:
+    if (HERE / "node_modules" / "ws" / "package.json").is_file():
+        return
+    print(f"installing the load generator's dependencies: {npm} install --prefix {HERE}",
+          file=sys.stderr)
+    subprocess.run([npm, "install", "--prefix", str(HERE), "--no-audit", "--no-fund"],
+                   check=True, stdin=subprocess.DEVNULL, timeout=300)
+
+
+def parse_shapes(text: str) -> list[tuple[int, int]]:
+    shapes = []
+    for part in text.split(","):
+        part = part.strip().lower()
+        c, sep, d = part.partition("x")
+        if not sep or not c.isdigit() or not d.isdigit() or int(c) < 1 or int(d) < 1:
+            raise argparse.ArgumentTypeError(f"bad shape {part!r}: expected CONNSxDEPTH, e.g. 16x8")
+        shapes.append((int(c), int(d)))
+    if not shapes:
+        raise argparse.ArgumentTypeError("no shape given")
+    return shapes
+
+
+def parse_servers(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in SERVERS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown server(s) {', '.join(unknown)}; choose from {', '.join(SERVERS)}")
+    return names
+
+
+def parse_cpus(text: str) -> set[int]:
+    try:
+        return {int(c) for c in text.split(",") if c.strip()}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad CPU list {text!r}") from None
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def environment(node: str) -> dict:
+    cpu_model = None
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        node_version = subprocess.run([node, "--version"], capture_output=True, text=True,
+                                      timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        node_version = None
+    try:
+        ws_version = json.loads((HERE / "node_modules/ws/package.json").read_text())["version"]
+    except (OSError, ValueError, KeyError):
+        ws_version = None
+    return {
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "platform": platform.platform(),
+        "cpu": cpu_model,
+        "cpu_count": os.cpu_count(),
+        "loadavg_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "python": platform.python_version(),
+        "python_impl": platform.python_implementation(),
+        "versions": {d: _version(d) for d in
+                     ("car-twisted", "twisted", "autobahn", "websockets", "orjson")},
+        "node": node_version,
+        "ws": ws_version,
+    }
+
+
+# -- results ------------------------------------------------------------------
+
+def summarize(runs: list[dict], servers: list[str], shapes: list[tuple[int, int]]) -> dict:
+    rows = []
+    by_key: dict[tuple[str, str], dict] = {}
+    for c, d in shapes:
+        shape = f"{c}x{d}"
+        for name in servers:
+            mine = [r for r in runs if r["server"] == name and r["shape"] == shape]
+            if not mine:
+                continue
+            rps = [r["rps"] for r in mine]
+            med = statistics.median(rps)
+            row = {
+                "server": name,
+                "label": SERVERS[name][0],
+                "shape": shape,
+                "runs": len(mine),
+                "rps": med,
+                "rps_min": min(rps),
+                "rps_max": max(rps),
+                "spread_pct": 100.0 * (max(rps) - min(rps)) / med if med else None,
+                "p50_ms": statistics.median(r["p50_ms"] for r in mine),
+                "p99_ms": statistics.median(r["p99_ms"] for r in mine),
+            }
+            rows.append(row)
+            by_key[(name, shape)] = row
+    ratios = []
+    for c, d in shapes:
+        shape = f"{c}x{d}"
+        car = by_key.get(("car", shape))
+        if car is None:
+            continue
+        entry: dict = {"shape": shape}
+        for base in BASELINES:
+            other = by_key.get((base, shape))
+            if other is None:
+                continue
+            entry[f"car/{base}"] = car["rps"] / other["rps"]
+            # Paired per-round ratios: robust against slow drift of the machine.
+            paired = []
+            for r in runs:
+                if r["server"] == "car" and r["shape"] == shape:
+                    for o in runs:
+                        if o["server"] == base and o["shape"] == shape and o["round"] == r["round"]:
+                            paired.append(r["rps"] / o["rps"])
+            if paired:
+                entry[f"car/{base}_paired_median"] = statistics.median(paired)
+        ratios.append(entry)
+    return {"rows": rows, "ratios": ratios}
+
+
+def print_table(summary: dict, args: argparse.Namespace, out=sys.stdout) -> None:
+    print(file=out)
+    print(f"median of {args.repeat} run(s) per cell; {args.seconds:g}s measured after "
+          f"{args.warmup:g}s warm-up; spread = (max-min)/median of rps", file=out)
+    header = f"{'server':<16} {'shape':>6} {'rps':>10} {'spread':>7} {'p50 ms':>8} {'p99 ms':>8}"
+    print(header, file=out)
+    print("-" * len(header), file=out)
+    for row in summary["rows"]:
+        spread = f"{row['spread_pct']:.0f}%" if row["spread_pct"] is not None else "-"
+        print(f"{row['label']:<16} {row['shape']:>6} {row['rps']:>10.0f} {spread:>7} "
+              f"{row['p50_ms']:>8.3f} {row['p99_ms']:>8.3f}", file=out)
+    if summary["ratios"]:
+        print(file=out)
+        cols = [b for b in BASELINES if any(f"car/{b}" in e for e in summary["ratios"])]
+        print(f"{'shape':>6} " + " ".join(f"{'car/' + b + ' rps':>20}" for b in cols), file=out)
+        for e in summary["ratios"]:
+            cells = []
+            for b in cols:
+                v = e.get(f"car/{b}")
+                cells.append(f"{v:>20.2f}" if v is not None else f"{'-':>20}")
+            print(f"{e['shape']:>6} " + " ".join(cells), file=out)
+    print(file=out)
+
+
+def print_profile(path: Path, limit: int) -> None:
+    import pstats
+
+    print(f"\ncProfile of the car-twisted server ({path}), top {limit} by self time:")
+    stats = pstats.Stats(str(path))
+    stats.sort_stats("tottime").print_stats(limit)
+    stats.sort_stats("cumulative").print_stats("car_twisted", limit)
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}%"
+
+
+# -- main -----------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        description="JSON-RPC over WebSocket throughput: car-twisted vs bare Autobahn and websockets.")
+    p.add_argument("--shapes", type=parse_shapes, default=parse_shapes("16x8,1x1"),
+                   help="comma-separated CONNSxDEPTH shapes (default 16x8,1x1)")
+    p.add_argument("--seconds", type=float, default=4.0, help="measured seconds per run (default 4)")
+    p.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds first (default 1)")
+    p.add_argument("--repeat", type=int, default=3, help="round-robin rounds (default 3)")
+    p.add_argument("--servers", type=parse_servers, default=list(SERVERS),
+                   help="comma-separated subset of car,autobahn,websockets (default all)")
+    p.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON")
+    p.add_argument("--pause", type=float, default=0.5, help="idle seconds between runs (default 0.5)")
+    p.add_argument("--quiet-pct", type=float, default=20.0,
+                   help="before each run, wait until the machine is below this %% of one CPU "
+                        "busy (0: don't wait; default 20)")
+    p.add_argument("--quiet-timeout", type=float, default=120.0,
+                   help="longest wait for a quiet machine, seconds (default 120)")
+    p.add_argument("--max-other", type=float, default=20.0,
+                   help="a run during which other work used more than this %% of one CPU is "
+                        "'disturbed' and retried (default 20)")
+    p.add_argument("--retries", type=int, default=3,
+                   help="re-runs of a disturbed run; the last attempt counts (default 3)")
+    p.add_argument("--max-requests", type=int, default=20_000_000,
+                   help="cap on requests sent per run (default 20M)")
+    p.add_argument("--pin", action="store_true",
+                   help="pin servers and the load generator to separate CPUs")
+    p.add_argument("--server-cpus", type=parse_cpus, default={0}, help="CPUs for servers with --pin")
+    p.add_argument("--loadgen-cpus", type=parse_cpus, default={1}, help="CPUs for node with --pin")
+    p.add_argument("--python", default=sys.executable, help="interpreter for the servers")
+    p.add_argument("--node", default="node")
+    p.add_argument("--npm", default="npm")
+    p.add_argument("--profile", type=Path, metavar="PATH",
+                   help="run the car-twisted server under cProfile, write its stats to PATH "
+                        "and print the top entries (the figures are then distorted)")
+    p.add_argument("--profile-top", type=int, default=30)
+    args = p.parse_args(argv)
+    if args.repeat < 1 or args.seconds <= 0 or args.warmup < 0 or args.max_requests < 1 \
+            or args.retries < 0:
+        p.error("--repeat and --max-requests must be >= 1, --seconds > 0, "
+                "--warmup and --retries >= 0")
+    if args.profile is not None and "car" not in args.servers:
+        p.error("--profile needs the car server in --servers")
+
+    if shutil.which(args.node) is None:
+        print(f"error: {args.node!r} not found on PATH (Node.js >= 18 is required)", file=sys.stderr)
+        return 2
+    if "websockets" in args.servers and importlib.util.find_spec("websockets") is None \
+            and args.python == sys.executable:
+        print("error: the 'websockets' package is missing (pip install 'car-twisted[bench]', "
+              "or use 'tox -e bench'), or leave it out with --servers car,autobahn",
+              file=sys.stderr)
+        return 2
+    ensure_node_modules(args.npm)
+
+    server_cpus = args.server_cpus if args.pin else None
+    loadgen_cpus = args.loadgen_cpus if args.pin else None
+    env = environment(args.node)
+    if env["loadavg_at_start"] and env["loadavg_at_start"][0] > 0.5:
+        print(f"note: load average {env['loadavg_at_start'][0]:.2f} before starting; "
+              f"other work on the machine will add noise", file=sys.stderr)
+
+    token = secrets.token_hex(16)
+    log_dir = Path(tempfile.mkdtemp(prefix="car-bench-logs-"))
+    servers: dict[str, Server] = {}
+    runs: list[dict] = []
+
+    def on_sigterm(signum, frame):  # make `kill <runner>` clean up like Ctrl-C
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    failed = False
+    try:
+        for name in args.servers:
+            profile = args.profile.resolve() if (name == "car" and args.profile) else None
+            server = Server(name, args.python, token, log_dir, server_cpus, profile)
+            servers[name] = server
+            server.start()
+            print(f"started {server.label} (pid {server.proc.pid}) on {server.url}", file=sys.stderr)
+
+        total = args.repeat * len(args.shapes) * len(args.servers)
+        n = 0
+        for rnd in range(args.repeat):
+            # Rotate the server order each round so no server always runs first.
+            order = args.servers[rnd % len(args.servers):] + args.servers[:rnd % len(args.servers)]
+            for conns, depth in args.shapes:
+                for name in order:
+                    server = servers[name]
+                    n += 1
+                    for attempt in range(args.retries + 1):
+                        if args.pause > 0:
+                            time.sleep(args.pause)
+                        if args.quiet_pct > 0:
+                            idle_busy = wait_until_quiet(args.quiet_pct, args.quiet_timeout)
+                            if idle_busy is not None and idle_busy >= args.quiet_pct:
+                                print(f"note: machine still {idle_busy:.0f}% busy after waiting "
+                                      f"{args.quiet_timeout:g}s; running anyway", file=sys.stderr)
+                        server.check_alive()
+                        res = run_loadgen(args.node, server, conns, depth, args, token, loadgen_cpus)
+                        server.check_alive()
+                        other = res["other_cpu_pct"]
+                        res["disturbed"] = other is not None and other > args.max_other
+                        res["attempt"] = attempt + 1
+                        print(f"[{n}/{total}] round {rnd + 1} {server.label:<16} {conns}x{depth}: "
+                              f"{res['rps']:>9.0f} rps  p50 {res['p50_ms']:.3f} ms  "
+                              f"p99 {res['p99_ms']:.3f} ms  cpu: server {_pct(res['server_cpu_pct'])} "
+                              f"loadgen {_pct(res['loadgen_cpu_pct'])} other {_pct(other)}"
+                              + ("  DISTURBED" if res["disturbed"] else ""), file=sys.stderr)
+                        if not res["disturbed"]:
+                            break
+                    res.update(server=name, shape=f"{conns}x{depth}", round=rnd)
+                    runs.append(res)
+    except BenchError as e:
+        failed = True
+        print(f"error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        failed = True
+        print("interrupted; stopping the servers", file=sys.stderr)
+    finally:
+        for server in servers.values():
+            try:
+                server.stop()
+            except Exception as e:  # keep stopping the others
+                print(f"warning: could not stop {server.label}: {e}", file=sys.stderr)
+        signal.signal(signal.SIGTERM, previous)
+
+    if not runs:
+        print(f"server logs kept in {log_dir}", file=sys.stderr)
+        return 1
+    summary = summarize(runs, args.servers, args.shapes)
+    if args.profile is not None:
+        print("note: the car-twisted server ran under cProfile; its figures are distorted",
+              file=sys.stderr)
+    print_table(summary, args)
+    if args.json is not None:
+        doc = {
+            "config": {
+                "shapes": [f"{c}x{d}" for c, d in args.shapes],
+                "seconds": args.seconds,
+                "warmup": args.warmup,
+                "repeat": args.repeat,
+                "servers": args.servers,
+                "pinned": bool(args.pin),
+                "profiled": args.profile is not None,
+                "complete": not failed,
+            },
+            "environment": env,
+            "summary": summary,
+            "runs": runs,
+        }
+        args.json.write_text(json.dumps(doc, indent=2) + "\n")
+        print(f"results written to {args.json}", file=sys.stderr)
+    if args.profile is not None and args.profile.exists():
+        print_profile(args.profile, args.profile_top)
+    if failed:
+        print(f"server logs kept in {log_dir}", file=sys.stderr)
+        return 1
+    shutil.rmtree(log_dir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
