@@ -44,6 +44,8 @@ from car_twisted.rpc.scope import handshake_gated, out_of_scope_reason
 __all__ = ["Dispatcher", "error_for"]
 
 _CoroutineType = types.CoroutineType
+# Result types answered at once without asking whether they are Deferreds.
+_PLAIN = frozenset({dict, list, str, int, float, bool, type(None)})
 _log = Logger()
 
 _BAD_ID = (
@@ -91,6 +93,12 @@ class Dispatcher:
         try:
             msg = loads(payload)
         except DecodeError as e:
+            # orjson only accepts valid UTF-8, so the transport's incoming
+            # UTF-8 check is off; a text frame that is not UTF-8 is caught
+            # here and closed with 1007 as the WebSocket spec requires.
+            if not _is_utf8(payload):
+                session.channel.sink.close(1007, "invalid UTF-8 in text frame")
+                return
             session.channel.send(encode_error(None, PARSE_ERROR, f"parse error: {e}"))
             return
         kind = type(msg)
@@ -192,12 +200,10 @@ class Dispatcher:
         except Exception as e:
             return None if notification else self._error(rid, method, e)
 
-        if type(result) is _CoroutineType:
-            d = Deferred.fromCoroutine(result)
-        elif isinstance(result, Deferred):
-            d = result
-        else:
+        kind = type(result)
+        if kind in _PLAIN or (kind is not _CoroutineType and not isinstance(result, Deferred)):
             return None if notification else self._encode(rid, method, result)
+        d = Deferred.fromCoroutine(result) if kind is _CoroutineType else result
         return self._wait(session, spec, args, rid, notification, d)
 
     def _wait(
@@ -368,6 +374,14 @@ class Dispatcher:
             )
         )
         session.channel.sink.close(1008, "auth required")
+
+
+def _is_utf8(payload: bytes) -> bool:
+    try:
+        payload.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _setter(parts: list, index: int) -> Any:

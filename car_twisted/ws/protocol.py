@@ -36,6 +36,7 @@ __all__ = ["CarServerProtocol", "CarServerFactory", "origin_is_loopback", "frame
 
 _OPEN = WebSocketProtocol.STATE_OPEN
 _CLOSED = WebSocketProtocol.STATE_CLOSED
+_COPY_LIMIT = 64 * 1024
 
 
 def frame_text(payload: bytes) -> bytes:
@@ -188,7 +189,11 @@ class CarServerProtocol(WebSocketServerProtocol):
     def send_text(self, payload: bytes) -> bool:
         if self.state != _OPEN:
             return False
-        self.transport.writeSequence((frame_text(payload), payload))
+        if len(payload) < _COPY_LIMIT:
+            # One bytes object, one write: cheaper than a two-piece sequence.
+            self.transport.write(frame_text(payload) + payload)
+        else:
+            self.transport.writeSequence((frame_text(payload), payload))
         return True
 
     def send_binary(self, payload: bytes) -> bool:
@@ -235,6 +240,9 @@ class CarServerFactory(WebSocketServerFactory):
             # Send a real Close (1007, 1009, ...) before dropping, so the
             # client learns why; the close handshake then times out fast.
             failByDrop=False,
+            # orjson validates UTF-8 while parsing; the dispatcher closes
+            # with 1007 when a text frame that failed to parse is not UTF-8.
+            utf8validateIncoming=False,
             openHandshakeTimeout=10,
             closeHandshakeTimeout=1,
             perMessageCompressionAccept=lambda offers: None,

@@ -206,9 +206,15 @@ def test_arbitrary_bytes(tmp_path, authed, payload):
     conn.send(payload)
     replies = conn.frames()
     try:
+        payload.decode("utf-8")
+    except UnicodeDecodeError:
+        # Not UTF-8: a text frame like that is closed with 1007, unanswered.
+        assert replies == [] and conn.sink.closed_with[0] == 1007
+        return
+    try:
         _strict_json(payload)
     except ValueError:
-        # Not UTF-8 JSON at all: exactly one parse error with id null.
+        # Not JSON at all: exactly one parse error with id null.
         assert len(replies) == 1, replies
         assert error_code(replies[0]) == PARSE_ERROR, replies
         assert replies[0]["id"] is None
@@ -378,8 +384,6 @@ def test_invalid_ids_get_null_and_invalid_request(tmp_path, authed, rid):
         b'{"jsonrpc":"2.0","id":1,"method":"x",}',
         b'{"jsonrpc":"2.0","id":1,"method":"x"} trailing',
         b'{"jsonrpc":"2.0","id":1 "method":"x"}',
-        b"\xff\xfe{}",
-        b'{"method":"\xc3"}',
         b"\x00",
         b"[" * 100_000,
         b"{" * 100_000,
@@ -394,6 +398,16 @@ def test_parse_errors(tmp_path, authed, raw):
     assert error_code(reply) == PARSE_ERROR
     # A parse error does not close the connection.
     assert conn.sink.closed_with is None
+
+
+@pytest.mark.parametrize("raw", [b"\xff\xfe{}", b'{"method":"\xc3"}', b'{"jsonrpc":"2.0","id":1,"method":"\xed\xa0\x80"}'])
+@pytest.mark.parametrize("authed", [False, True], ids=["unauthenticated", "authenticated"])
+def test_invalid_utf8_closes_1007(tmp_path, authed, raw):
+    """The transport leaves UTF-8 to the parser: a non-UTF-8 text frame is closed with 1007."""
+    conn = Conn(tmp_path, authed)
+    conn.send(raw)
+    assert conn.frames() == []
+    assert conn.sink.closed_with == (1007, "invalid UTF-8 in text frame")
 
 
 @pytest.mark.parametrize(
