@@ -89,6 +89,11 @@ class ServerStateConfig:
     @ivar ping_interval / ping_timeout: WebSocket keep-alive, seconds.
     @ivar write_stall_timeout: seconds a connection may refuse to read our
         output before it is dropped.
+    @ivar idle_timeout: seconds an authenticated connection may stay silent
+        with nothing in flight before it is closed (the client reconnects
+        on its next call; it opens a new connection per host-management
+        call and never closes them).  Agent-bound and pinned sessions
+        (subscriptions) are exempt.  0 disables.
     @ivar allowed_origins: extra browser origins (fnmatch patterns on the
         full origin, e.g. ``"https://app.example:*"``); loopback origins
         are always allowed, others refused at the upgrade.
@@ -111,6 +116,7 @@ class ServerStateConfig:
     ping_interval: float = 30.0
     ping_timeout: float = 30.0
     write_stall_timeout: float = 60.0
+    idle_timeout: float = 300.0
     allowed_origins: tuple[str, ...] = attrs.field(default=(), converter=tuple)
     methods: tuple[MethodSpec, ...] = attrs.field(default=(), converter=tuple)
     method_providers: tuple[Any, ...] = attrs.field(

@@ -50,6 +50,12 @@ class ClientSession:
     auth_failures: int = 0
     in_flight: int = 0
     binary_handler: Callable[["ClientSession", bytes], None] | None = None
+    # Idle tracking: the protocol sets ``active`` on every frame; the
+    # state's sweep turns it into ``last_active``.  ``pins`` > 0 (a live
+    # subscription, say) keeps an idle connection open.
+    active: bool = True
+    last_active: float = 0.0
+    pins: int = 0
     auth_timer: IDelayedCall | None = attrs.field(default=None, repr=False)
     closed: bool = False
     _cleanups: list[Callable[[], Any]] = attrs.field(factory=list, repr=False)
@@ -57,6 +63,23 @@ class ClientSession:
     @property
     def is_host(self) -> bool:
         return self.role == ROLE_HOST
+
+    def pin(self) -> None:
+        """Keep this connection open while idle (until ``unpin``)."""
+        self.pins += 1
+
+    def unpin(self) -> None:
+        self.pins = max(0, self.pins - 1)
+
+    def reapable(self) -> bool:
+        """Idle-closable: nothing pending, nothing pinned, not an agent."""
+        return (
+            self.authenticated
+            and self.in_flight == 0
+            and self.pins == 0
+            and self.agent_id is None
+            and self.channel.pending_count() == 0
+        )
 
     def on_close(self, cleanup: Callable[[], Any]) -> None:
         """Run C{cleanup} once when the connection goes (now, if gone)."""

@@ -121,7 +121,9 @@ class ServerState:
     def open_session(self, sink: IWsSink) -> ClientSession:
         client_id = f"c{next(self._ids)}"
         channel = WsChannel(sink, self.clock)
-        session = ClientSession(client_id=client_id, channel=channel, state=self)
+        session = ClientSession(
+            client_id=client_id, channel=channel, state=self, last_active=self.clock.seconds()
+        )
         if self.auth_enabled:
             session.auth_timer = self.clock.callLater(
                 self.config.auth_timeout, self._auth_expired, session
@@ -140,6 +142,27 @@ class ServerState:
                 secs=self.config.auth_timeout,
             )
             session.channel.sink.close(1008, "authentication timeout")
+
+    def reap_idle(self) -> int:
+        """
+        Close authenticated connections silent for ``idle_timeout`` with
+        nothing in flight; called periodically by the factory.
+        @return: how many were closed.
+        """
+        limit = self.config.idle_timeout
+        now = self.clock.seconds()
+        closed = 0
+        for session in list(self.sessions.values()):
+            if session.active:
+                session.active = False
+                session.last_active = now
+            elif now - session.last_active >= limit and session.reapable():
+                self._log.debug(
+                    "closing idle client {client_id}", client_id=session.client_id
+                )
+                session.channel.sink.close(1000, "idle timeout")
+                closed += 1
+        return closed
 
     def close_session(self, session: ClientSession) -> None:
         """Tear a session down exactly once."""

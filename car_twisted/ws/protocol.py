@@ -26,6 +26,7 @@ from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerPr
 from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.types import ConnectionDeny
 from twisted.internet.interfaces import IPushProducer
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -152,6 +153,7 @@ class CarServerProtocol(WebSocketServerProtocol):
         self.message_data = None
         if self.failedByMe or self.session is None:
             return
+        self.session.active = True
         payload = data[0] if len(data) == 1 else b"".join(data)
         try:
             if self.message_is_binary:
@@ -220,6 +222,7 @@ class CarServerFactory(WebSocketServerFactory):
     """
 
     protocol = CarServerProtocol
+    _reaper: LoopingCall | None = None
 
     def __init__(self, state: Any, reactor: Any = None, url: str | None = None) -> None:
         super().__init__(url=url, reactor=reactor if reactor is not None else state.clock)
@@ -247,6 +250,23 @@ class CarServerFactory(WebSocketServerFactory):
             closeHandshakeTimeout=1,
             perMessageCompressionAccept=lambda offers: None,
         )
+
+    def startFactory(self) -> None:
+        super().startFactory()
+        idle = self.state.config.idle_timeout
+        if idle > 0:
+            self._reaper = LoopingCall(self.state.reap_idle)
+            self._reaper.clock = self.state.clock
+            # Sweep often enough that a session idles at most ~1.25x the limit.
+            self._reaper.start(idle / 4, now=False).addErrback(
+                lambda f: CarServerProtocol._log.failure("idle sweep failed", failure=f)
+            )
+
+    def stopFactory(self) -> None:
+        reaper, self._reaper = self._reaper, None
+        if reaper is not None and reaper.running:
+            reaper.stop()
+        super().stopFactory()
 
     def origin_allowed(self, origin: str) -> bool:
         if origin_is_loopback(origin):

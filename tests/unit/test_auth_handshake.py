@@ -258,3 +258,29 @@ def test_capabilities_and_schema(authed, state):
     assert schema["methods"]["session.auth"]["params"]["token"] == {"type": "string | null", "required": False}
     assert schema["methods"]["session.auth"]["requires_auth"] is False
     json.dumps(schema)
+
+
+# -- idle connections ---------------------------------------------------------
+
+
+def test_idle_sessions_are_reaped(tmp_path, clock):
+    """Silent authenticated connections close after idle_timeout; busy, pinned and agent ones stay."""
+    state = make_state(tmp_path, clock, idle_timeout=100.0, agent_identities=Identities())
+    quiet, chatty, pinned, waiting, agent = (Conn(state) for _ in range(5))
+    for c in (quiet, chatty, pinned, waiting):
+        c.call("session.auth", {"token": TOKEN}, 0)
+    agent.call("session.auth", {"agent_id": "agent-7", "token": "agtok-7"}, 0)
+    pinned.session.pin()
+    waiting.session.channel.request("tools.execute", {}, timeout=None)
+    for _ in range(5):
+        clock.advance(30)
+        chatty.session.active = True  # what the protocol does on every frame
+        state.reap_idle()
+    assert quiet.sink.closed_with == (1000, "idle timeout")
+    for c in (chatty, pinned, waiting, agent):
+        assert c.sink.closed_with is None
+    pinned.session.unpin()
+    clock.advance(200)
+    state.reap_idle()
+    state.reap_idle()
+    assert pinned.sink.closed_with == (1000, "idle timeout")
