@@ -6,6 +6,7 @@ a way to run the real server on loopback TCP and UNIX sockets.
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,21 @@ class FakeSink:
         out = self.messages()
         self.frames.clear()
         return out
+
+
+def free_port() -> int:
+    """A loopback TCP port that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
 
 
 def make_config(tmp_path: Path, **overrides: Any) -> ServerStateConfig:

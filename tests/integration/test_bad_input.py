@@ -16,7 +16,7 @@ from twisted.internet.endpoints import clientFromString, connectProtocol
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
 
-from support import TOKEN, WsTestClient, start_server
+from support import TOKEN, WsTestClient, request, start_server
 
 PARSE_ERROR = -32700
 INVALID_REQUEST = -32600
@@ -61,13 +61,6 @@ def client_frame(payload: bytes, opcode: int = 0x1) -> bytes:
     else:
         head = bytes((0x80 | opcode, 0x80 | 127)) + n.to_bytes(8, "big")
     return head + b"\x00\x00\x00\x00" + payload
-
-
-def rpc(method: str, params: Any = None, rid: Any = 1) -> bytes:
-    msg: dict[str, Any] = {"jsonrpc": "2.0", "id": rid, "method": method}
-    if params is not None:
-        msg["params"] = params
-    return json.dumps(msg).encode()
 
 
 class RawClient(Protocol):
@@ -141,8 +134,8 @@ async def raw_ws_authenticated(reactor: Any, endpoint: str) -> RawClient:
     proto = await raw_upgrade(reactor, endpoint)
     assert proto.head is not None and proto.head.startswith(b"HTTP/1.1 101"), proto.head
     proto.transport.write(
-        client_frame(rpc("session.auth", {"token": TOKEN}, 0))
-        + client_frame(rpc("server.handshake", {"protocol_version": 3}, 1))
+        client_frame(request("session.auth", {"token": TOKEN}, 0))
+        + client_frame(request("server.handshake", {"protocol_version": 3}, 1))
     )
     await eventually(reactor, lambda: len(proto.texts()) >= 2, what="auth and handshake replies")
     assert [m.get("id") for m in proto.texts()] == [0, 1]
@@ -402,7 +395,7 @@ async def _start_non_reader(reactor: Any, server: Any, count: int = 12000) -> tu
     raw = await within(reactor, raw_ws_authenticated(reactor, server.tcp))
     (session,) = [s for cid, s in server.state.sessions.items() if cid not in known]
     raw.transport.pauseProducing()  # never read again
-    raw.transport.write(b"".join(client_frame(rpc("server.schema", None, i)) for i in range(10, 10 + count)))
+    raw.transport.write(b"".join(client_frame(request("server.schema", None, i)) for i in range(10, 10 + count)))
     return raw, session
 
 

@@ -11,17 +11,12 @@ import stat
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
+from support import free_port, port_open
+
 TWIST = [sys.executable, "-m", "twisted"]
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def env_for(home):
@@ -39,14 +34,6 @@ def wait_for(predicate, timeout=15.0, proc=None):
             raise AssertionError(f"daemon exited early with {proc.returncode}")
         time.sleep(0.05)
     raise AssertionError("timed out")
-
-
-def port_open(port):
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
 
 
 class Daemon:

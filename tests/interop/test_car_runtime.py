@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -24,6 +23,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
+
+from support import free_port, port_open
 
 car_runtime = pytest.importorskip("car_runtime")
 
@@ -43,20 +44,6 @@ _CAR_ENV = (
     "CAR_AGENT_TOKEN",
     "CAR_MEMORY_NAMESPACE",
 )
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _port_open(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
 
 
 class Daemon:
@@ -85,7 +72,7 @@ class Daemon:
     def start(self) -> None:
         env = {k: v for k, v in os.environ.items() if k not in _CAR_ENV}
         for attempt in range(5):
-            self.port = _free_port()
+            self.port = free_port()
             argv = [
                 TWIST,
                 "--log-format=text",
@@ -118,7 +105,7 @@ class Daemon:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 return False
-            if marker.exists() and self.host_token_file.exists() and _port_open(self.port):
+            if marker.exists() and self.host_token_file.exists() and port_open(self.port):
                 return True
             time.sleep(0.05)
         return False
