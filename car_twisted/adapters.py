@@ -14,7 +14,8 @@ from typing import Any, Iterable
 
 from zope.interface.adapter import AdapterRegistry
 
-from car_twisted.interfaces import IClientSession, IWsSink
+from car_twisted.interfaces import IClientSession, IToolExecutor, IWsSink
+from car_twisted.sinks import session_tool_executor
 
 __all__ = ["default_registry", "session_sink"]
 
@@ -31,6 +32,7 @@ def default_registry(extra: Iterable[Any] = ()) -> AdapterRegistry:
     """
     registry = AdapterRegistry()
     registry.register([IClientSession], IWsSink, "", session_sink)
+    registry.register([IClientSession], IToolExecutor, "", session_tool_executor)
     for reg in extra:
         registry.register([reg.required], reg.provided, reg.name, reg.factory)
     return registry

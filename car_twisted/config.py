@@ -26,6 +26,9 @@ __all__ = [
 ]
 
 DEFAULT_HANDLER_TIMEOUT_SECS = 30 * 60.0
+# The daemon's wait for a tools.execute answer when an action declares no
+# timeout_ms; CAR_TOOL_TIMEOUT (seconds) overrides it.
+DEFAULT_TOOL_TIMEOUT_MS = 300_000
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 
@@ -97,6 +100,8 @@ class ServerStateConfig:
     @ivar allowed_origins: extra browser origins (fnmatch patterns on the
         full origin, e.g. ``"https://app.example:*"``); loopback origins
         are always allowed, others refused at the upgrade.
+    @ivar tool_timeout_ms: wait for a ``tools.execute`` answer when the
+        action has no ``timeout_ms`` (``CAR_TOOL_TIMEOUT`` seconds).
     @ivar methods / method_providers: extra JSON-RPC methods.
     @ivar adapters: extra component adapters for the state's registry.
     @ivar agent_identities: provides ``IAgentIdentities`` (agent binding).
@@ -117,6 +122,7 @@ class ServerStateConfig:
     ping_timeout: float = 30.0
     write_stall_timeout: float = 60.0
     idle_timeout: float = 300.0
+    tool_timeout_ms: int = DEFAULT_TOOL_TIMEOUT_MS
     allowed_origins: tuple[str, ...] = attrs.field(default=(), converter=tuple)
     methods: tuple[MethodSpec, ...] = attrs.field(default=(), converter=tuple)
     method_providers: tuple[Any, ...] = attrs.field(
@@ -153,6 +159,9 @@ class ServerStateConfig:
         raw_timeout = environ.get("CAR_HANDLER_TIMEOUT")
         if raw_timeout:
             kwargs["handler_timeout"] = _positive_secs("CAR_HANDLER_TIMEOUT", raw_timeout)
+        raw_tool = environ.get("CAR_TOOL_TIMEOUT")
+        if raw_tool:
+            kwargs["tool_timeout_ms"] = int(_positive_secs("CAR_TOOL_TIMEOUT", raw_tool) * 1000)
         kwargs.update(overrides)
         return cls(**kwargs)
 

@@ -12,6 +12,7 @@ __all__ = [
     "IAgentIdentities",
     "IClientSession",
     "IMethodProvider",
+    "IToolExecutor",
     "IWsSink",
 ]
 
@@ -100,4 +101,27 @@ class IAgentIdentities(Interface):
     def detach(agent_id, session):
         """
         Release the binding if C{session} holds it; otherwise do nothing.
+        """
+
+
+class IToolExecutor(Interface):
+    """
+    Runs one tool call on behalf of the proposal engine.
+
+    The daemon owns no tools: its default (``WsToolExecutor``) calls the
+    client back with ``tools.execute``.  Embedders may install their own
+    (an in-process executor, say) through the state's adapters.
+    """
+
+    supports_detached = Attribute(
+        "True if streaming / long-running invocations can be started."
+    )
+
+    def execute(call):
+        """
+        Run C{call} (a L{car_twisted.proposal.ir.ToolCall}).
+
+        @return: a Deferred firing with the tool's output, or failing with
+            L{car_twisted.proposal.ir.ToolError}.  Cancelling it abandons the
+            call (the executor tells the tool, if it can).
         """

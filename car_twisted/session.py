@@ -59,6 +59,24 @@ class ClientSession:
     auth_timer: IDelayedCall | None = attrs.field(default=None, repr=False)
     closed: bool = False
     _cleanups: list[Callable[[], Any]] = attrs.field(factory=list, repr=False)
+    _runtime: Any = attrs.field(default=None, repr=False)
+    _components: dict[Any, Any] = attrs.field(factory=dict, repr=False)
+
+    @property
+    def runtime(self) -> Any:
+        """Tools, policies and state of this connection, made on first use."""
+        if self._runtime is None:
+            from car_twisted.runtime import SessionRuntime
+
+            self._runtime = SessionRuntime()
+        return self._runtime
+
+    def component(self, iface: Any) -> Any:
+        """This session's C{iface} component, adapted once and kept."""
+        found = self._components.get(iface)
+        if found is None:
+            found = self._components[iface] = self.state.component(self, iface)
+        return found
 
     @property
     def is_host(self) -> bool:

@@ -34,10 +34,21 @@ SERVER_VERSION = __version__
 def _builtin_providers(state: "ServerState") -> Iterable[Any]:
     # Imported here: the method modules import ServerState for typing only,
     # and keeping the table assembly in one call keeps start-up explicit.
+    from car_twisted.methods.policy import PolicyMethods
+    from car_twisted.methods.proposal import ProposalMethods
     from car_twisted.methods.server import ServerMethods
     from car_twisted.methods.session import SessionMethods
+    from car_twisted.methods.state import StateMethods
+    from car_twisted.methods.tools import ToolMethods
 
-    return (SessionMethods(state), ServerMethods(state))
+    return (
+        SessionMethods(state),
+        ServerMethods(state),
+        ToolMethods(state),
+        PolicyMethods(state),
+        StateMethods(state),
+        ProposalMethods(state),
+    )
 
 
 class ServerState:

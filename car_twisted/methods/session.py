@@ -20,6 +20,8 @@ from zope.interface import implementer
 from car_twisted.auth import tokens_equal
 from car_twisted.errors import AuthFailed, InvalidParams
 from car_twisted.interfaces import IAgentIdentities, IMethodProvider
+from car_twisted.methods.tools import tool_definitions
+from car_twisted.proposal.rules import parse_policy
 from car_twisted.rpc.registry import MethodSpec
 from car_twisted.session import ROLE_HOST, ClientSession
 
@@ -39,6 +41,17 @@ class AuthParams:
     )
 
 
+@attrs.frozen
+class InitParams:
+    tools: list = attrs.field(factory=list, metadata={"max_len": 1024})
+    policies: list | None = attrs.field(default=None, metadata={"max_len": 1024})
+
+
+@attrs.frozen
+class PolicySessionParams:
+    session_id: str = attrs.field(metadata={"max_len": 256})
+
+
 @implementer(IMethodProvider)
 class SessionMethods:
     _log = Logger()
@@ -55,7 +68,35 @@ class SessionMethods:
                 requires_auth=False,
                 description="Authenticate this connection (token, host_token or agent_id + token).",
             ),
+            MethodSpec("session.init", self.init, params=InitParams, description="Register tools and policies in one batch."),
+            MethodSpec("session.policy.open", self.policy_open, description="Open a policy-scoping session."),
+            MethodSpec("session.policy.close", self.policy_close, params=PolicySessionParams, description="Close a policy session and drop its policies."),
         )
+
+    def init(self, session: ClientSession, p: "InitParams") -> dict[str, Any]:
+        schemas = tool_definitions(p.tools, "tools")
+        policies = []
+        for i, raw in enumerate(p.policies or ()):
+            try:
+                policies.append(parse_policy(raw))
+            except InvalidParams as e:
+                raise InvalidParams(f"policies[{i}].{e.field}", e.message.split(": ", 2)[-1]) from None
+        runtime = session.runtime
+        for schema in schemas:
+            runtime.register_tool(schema)
+        for policy in policies:
+            runtime.add_policy(policy, None)
+        return {
+            "session_id": runtime.session_id,
+            "tools_registered": len(schemas),
+            "policies_registered": len(policies),
+        }
+
+    def policy_open(self, session: ClientSession, params: Any) -> dict[str, Any]:
+        return {"session_id": session.runtime.open_policy_session()}
+
+    def policy_close(self, session: ClientSession, p: "PolicySessionParams") -> dict[str, Any]:
+        return {"closed": session.runtime.close_policy_session(p.session_id)}
 
     def auth(self, session: ClientSession, p: AuthParams) -> dict[str, Any]:
         if p.memory_namespace is not None and not p.memory_namespace:

@@ -1,0 +1,90 @@
+"""
+``proposal.submit``: run an Agent IR proposal through the engine.
+
+Its handler deadline is derived from the proposal's own budgets, so an
+in-budget proposal is never cut off: the sum over actions of
+``timeout_ms`` (else the daemon's tool budget) times the attempts the
+engine may make, plus a 15 s transport grace, and never less than the
+daemon's default handler deadline.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import attrs
+from zope.interface import implementer
+
+from car_twisted.errors import InvalidParams
+from car_twisted.interfaces import IMethodProvider, IToolExecutor
+from car_twisted.proposal.engine import ProposalEngine
+from car_twisted.proposal.ir import DEFAULT_MAX_RETRIES, parse_proposal
+from car_twisted.rpc.registry import MethodSpec
+from car_twisted.session import ClientSession
+
+__all__ = ["ProposalMethods", "PROPOSAL_DEADLINE_GRACE_SECS"]
+
+PROPOSAL_DEADLINE_GRACE_SECS = 15.0
+
+
+@attrs.frozen
+class SubmitParams:
+    proposal: dict
+    session_id: str | None = attrs.field(default=None, metadata={"max_len": 256})
+    scope: dict | None = None
+
+
+def _budget_ms(action: Any, default_ms: int) -> float:
+    if type(action) is not dict:
+        return 0.0
+    timeout = action.get("timeout_ms")
+    budget = timeout if type(timeout) is int and timeout >= 0 else default_ms
+    attempts = 1
+    if action.get("failure_behavior") == "retry":
+        retries = action.get("max_retries")
+        attempts = 1 + (retries if type(retries) is int and 0 <= retries <= 100 else DEFAULT_MAX_RETRIES)
+    return float(budget) * attempts
+
+
+@implementer(IMethodProvider)
+class ProposalMethods:
+    def __init__(self, state: Any) -> None:
+        self.state = state
+
+    def methods(self) -> Iterable[MethodSpec]:
+        return (
+            MethodSpec(
+                "proposal.submit",
+                self.submit,
+                params=SubmitParams,
+                deadline=self.deadline,
+                description="Validate and execute an ActionProposal; tool calls go back to the client.",
+            ),
+        )
+
+    def deadline(self, p: SubmitParams) -> float:
+        config = self.state.config
+        actions = p.proposal.get("actions")
+        if type(actions) is not list:
+            return config.handler_timeout
+        total_ms = sum(_budget_ms(a, config.tool_timeout_ms) for a in actions[:1000])
+        return max(config.handler_timeout, total_ms / 1000.0 + PROPOSAL_DEADLINE_GRACE_SECS)
+
+    def submit(self, session: ClientSession, p: SubmitParams) -> Any:
+        proposal = parse_proposal(p.proposal)
+        runtime = session.runtime
+        tenant = None
+        if p.scope is not None:
+            tenant = p.scope.get("tenantId", p.scope.get("tenant_id"))
+            if tenant is not None and (type(tenant) is not str or len(tenant) > 256):
+                raise InvalidParams("scope.tenantId", "expected a string")
+        policies = runtime.policies_in_force(p.session_id)
+        engine = ProposalEngine(
+            clock=self.state.clock,
+            executor=session.component(IToolExecutor),
+            state=runtime.state.view(tenant or None),
+            tools=runtime.tools,
+            policies=policies,
+            session_id=p.session_id,
+        )
+        return engine.run(proposal)

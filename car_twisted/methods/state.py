@@ -1,0 +1,75 @@
+"""
+``state.*``: the connection's key-value state, optionally per tenant.
+
+Results are bare values as the client reads them: ``state.get`` the value
+(or null), ``state.keys`` an array, ``state.set`` ``"ok"``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import attrs
+from zope.interface import implementer
+
+from car_twisted.interfaces import IMethodProvider
+from car_twisted.rpc.registry import MethodSpec
+from car_twisted.session import ClientSession
+
+__all__ = ["StateMethods"]
+
+_KEY = {"max_len": 1024}
+_TENANT = {"max_len": 256}
+
+
+@attrs.frozen
+class KeyParams:
+    key: str = attrs.field(metadata=_KEY)
+    tenant_id: str | None = attrs.field(default=None, metadata=_TENANT)
+
+
+@attrs.frozen
+class SetParams:
+    key: str = attrs.field(metadata=_KEY)
+    value: Any = None
+    tenant_id: str | None = attrs.field(default=None, metadata=_TENANT)
+
+
+@attrs.frozen
+class TenantParams:
+    tenant_id: str | None = attrs.field(default=None, metadata=_TENANT)
+
+
+@implementer(IMethodProvider)
+class StateMethods:
+    def __init__(self, state: Any) -> None:
+        self.state = state
+
+    def methods(self) -> Iterable[MethodSpec]:
+        return (
+            MethodSpec("state.get", self.get, params=KeyParams, description="The value at key, or null."),
+            MethodSpec("state.set", self.set, params=SetParams, description="Set key to value."),
+            MethodSpec("state.exists", self.exists, params=KeyParams, description="Whether key is set."),
+            MethodSpec("state.keys", self.keys, params=TenantParams, description="Every key (of the tenant, when given)."),
+            MethodSpec("state.snapshot", self.snapshot, params=TenantParams, description="Every key and value."),
+        )
+
+    @staticmethod
+    def _view(session: ClientSession, tenant_id: str | None) -> Any:
+        return session.runtime.state.view(tenant_id or None)
+
+    def get(self, session: ClientSession, p: KeyParams) -> Any:
+        return self._view(session, p.tenant_id).get(p.key)
+
+    def set(self, session: ClientSession, p: SetParams) -> str:
+        self._view(session, p.tenant_id).set(p.key, p.value)
+        return "ok"
+
+    def exists(self, session: ClientSession, p: KeyParams) -> bool:
+        return p.key in self._view(session, p.tenant_id)
+
+    def keys(self, session: ClientSession, p: TenantParams) -> list[str]:
+        return self._view(session, p.tenant_id).keys()
+
+    def snapshot(self, session: ClientSession, p: TenantParams) -> dict[str, Any]:
+        return self._view(session, p.tenant_id).snapshot()

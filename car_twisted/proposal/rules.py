@@ -1,0 +1,126 @@
+"""
+Built-in policy rules: ``deny_tool``, ``deny_tool_param``, ``require_state``.
+
+Every action passes every policy in force (global, plus those of the
+policy session the proposal names) before it dispatches; the first denial
+rejects it with a reason naming the rule but never the offending value.
+``deny_tool_callback`` needs a callback inside the client process and is
+refused by this daemon.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Iterable, Mapping
+
+import attrs
+
+from car_twisted.errors import InvalidParams
+from car_twisted.proposal.ir import Action
+
+__all__ = ["PolicyDefinition", "parse_policy", "first_violation", "SUPPORTED_RULES"]
+
+SUPPORTED_RULES = ("deny_tool", "deny_tool_param", "require_state")
+_MAX = 1024
+
+
+@attrs.frozen
+class PolicyDefinition:
+    name: str
+    rule: str
+    target: str | None = None
+    key: str | None = None
+    pattern: str | None = None
+    value: Any = None
+
+    @property
+    def description(self) -> str:
+        if self.rule == "deny_tool":
+            return f"deny tool '{self.target}'"
+        if self.rule == "deny_tool_param":
+            return f"deny tool '{self.target}' when parameter '{self.key}' contains a denied pattern"
+        return f"require state '{self.key}' == {json.dumps(self.value)}"
+
+    def to_wire(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "description": self.description, "rule": self.rule}
+        for field in ("target", "key"):
+            if getattr(self, field) is not None:
+                out[field] = getattr(self, field)
+        return out
+
+    def violation(self, action: Action, state: Mapping[str, Any]) -> str | None:
+        """The reason this policy denies C{action}, or None."""
+        if self.rule == "deny_tool":
+            if action.type == "tool_call" and action.tool == self.target:
+                return f"deny_tool:{self.target}"
+        elif self.rule == "deny_tool_param":
+            if action.type == "tool_call" and action.tool == self.target and self.key in action.parameters:
+                value = action.parameters[self.key]
+                text = value if type(value) is str else json.dumps(value)
+                if self.pattern and self.pattern in text:
+                    return f"deny_tool_param:{self.target}.{self.key}"
+        elif self.rule == "require_state":
+            if self.key not in state or state[self.key] != self.value:
+                return f"require_state:{self.key}"
+        return None
+
+
+def _field(raw: dict, key: str, required: bool) -> str | None:
+    value = raw.get(key)
+    if value is None:
+        if required:
+            raise InvalidParams(key, f"required for rule '{raw.get('rule')}'")
+        return None
+    if type(value) is not str or not value or len(value) > _MAX:
+        raise InvalidParams(key, f"expected a non-empty string of at most {_MAX} characters")
+    return value
+
+
+def parse_policy(raw: Any) -> PolicyDefinition:
+    """
+    A policy definition from the wire.  ``value`` may arrive as JSON
+    (``value``) or as the client's encoded ``value_json`` string.
+
+    @raise InvalidParams: naming the field.
+    """
+    if type(raw) is not dict:
+        raise InvalidParams("params", "expected a policy object")
+    name = _field(raw, "name", True)
+    rule = raw.get("rule")
+    if type(rule) is not str:
+        raise InvalidParams("rule", "required")
+    if rule == "deny_tool_callback":
+        raise InvalidParams(
+            "rule", "deny_tool_callback needs an in-process callback and is not supported by this daemon"
+        )
+    if rule not in SUPPORTED_RULES:
+        raise InvalidParams("rule", "expected one of " + ", ".join(SUPPORTED_RULES))
+    value = raw.get("value")
+    if value is None and type(raw.get("value_json")) is str:
+        try:
+            value = json.loads(raw["value_json"])
+        except ValueError:
+            raise InvalidParams("value_json", "not valid JSON") from None
+    needs = {
+        "deny_tool": ("target",),
+        "deny_tool_param": ("target", "key", "pattern"),
+        "require_state": ("key",),
+    }[rule]
+    return PolicyDefinition(
+        name=name,  # type: ignore[arg-type]
+        rule=rule,
+        target=_field(raw, "target", "target" in needs),
+        key=_field(raw, "key", "key" in needs),
+        pattern=_field(raw, "pattern", "pattern" in needs),
+        value=value,
+    )
+
+
+def first_violation(
+    policies: Iterable[PolicyDefinition], action: Action, state: Mapping[str, Any]
+) -> tuple[PolicyDefinition, str] | None:
+    for policy in policies:
+        reason = policy.violation(action, state)
+        if reason is not None:
+            return policy, reason
+    return None
