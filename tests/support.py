@@ -15,10 +15,9 @@ from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientPr
 from twisted.internet import defer
 from twisted.internet.endpoints import clientFromString
 from twisted.internet.task import Clock
-from zope.interface import implementer
 
 from car_twisted.config import ServerStateConfig
-from car_twisted.interfaces import IWsSink
+from car_twisted.testing import MemorySink
 from car_twisted.paths import CarPaths
 from car_twisted.service import make_car_service, unix_socket_description
 from car_twisted.state import ServerState
@@ -27,40 +26,7 @@ TOKEN = "test-daemon-token-0123456789abcdefghijklmnopq"
 HOST_TOKEN = "test-host-token-0123456789abcdefghijklmnopqrs"
 
 
-@implementer(IWsSink)
-class FakeSink:
-    """Records frames; ``close`` marks it closed like the real protocol."""
-
-    def __init__(self) -> None:
-        self.frames: list[bytes] = []
-        self.binary: list[bytes] = []
-        self.closed_with: tuple[int, str] | None = None
-        self.writable = True
-
-    def send_text(self, payload: bytes) -> bool:
-        if not self.writable:
-            return False
-        self.frames.append(payload)
-        return True
-
-    def send_binary(self, payload: bytes) -> bool:
-        if not self.writable:
-            return False
-        self.binary.append(payload)
-        return True
-
-    def close(self, code: int, reason: str) -> None:
-        if self.writable:
-            self.closed_with = (code, reason)
-            self.writable = False
-
-    def messages(self) -> list[Any]:
-        return [json.loads(f) for f in self.frames]
-
-    def pop(self) -> list[Any]:
-        out = self.messages()
-        self.frames.clear()
-        return out
+FakeSink = MemorySink
 
 
 def free_port() -> int:

@@ -123,6 +123,8 @@ class _Execution:
         self.waiting: list[str] = []
         self.running: dict[str, Deferred] = {}
         self.aborted: str | None = None
+        self.launching = False
+        self.relaunch = False
         self.started = engine.clock.seconds()
         self.done: Deferred = Deferred(self._cancel_all)
 
@@ -216,28 +218,41 @@ class _Execution:
             res.status, res.error = "skipped", why
 
     def _launch(self) -> None:
-        progressed = True
-        while progressed and self.aborted is None:
-            progressed = False
-            for aid in list(self.waiting):
-                if len(self.running) >= self.engine.max_concurrency:
-                    break
-                states = [self.results[d].status for d in self.deps[aid]]
-                if any(s in ("failed", "rejected", "skipped") for s in states):
-                    bad = next(d for d in self.deps[aid] if self.results[d].status != "succeeded")
-                    self.waiting.remove(aid)
-                    self._skip(aid, f"dependency '{bad}' did not succeed")
-                    progressed = True
-                elif all(s == "succeeded" for s in states):
-                    self.waiting.remove(aid)
-                    d = Deferred.fromCoroutine(self._run(self.actions[aid]))
-                    self.running[aid] = d
-                    d.addBoth(self._finished, aid)
-                    progressed = True
+        # Actions can finish synchronously while we launch them, which calls
+        # back in here: the outer call loops instead of nesting.
+        if self.launching:
+            self.relaunch = True
+            return
+        self.launching = True
+        try:
+            self.relaunch = True
+            while self.relaunch and self.aborted is None:
+                self.relaunch = False
+                self._launch_ready()
+        finally:
+            self.launching = False
         if not self.running and not self.done.called:
             for aid in self.waiting:
                 self._skip(aid, "never became ready")
             self.done.callback(self._result())
+
+    def _launch_ready(self) -> None:
+        for aid in list(self.waiting):
+            if aid not in self.waiting or self.aborted is not None:
+                continue
+            if len(self.running) >= self.engine.max_concurrency:
+                return
+            statuses = [self.results[d].status for d in self.deps[aid]]
+            if any(s in ("failed", "rejected", "skipped") for s in statuses):
+                bad = next(d for d in self.deps[aid] if self.results[d].status != "succeeded")
+                self.waiting.remove(aid)
+                self._skip(aid, f"dependency '{bad}' did not succeed")
+                self.relaunch = True
+            elif all(s == "succeeded" for s in statuses):
+                self.waiting.remove(aid)
+                d = Deferred.fromCoroutine(self._run(self.actions[aid]))
+                self.running[aid] = d
+                d.addBoth(self._finished, aid)
 
     def _finished(self, outcome: Any, aid: str) -> None:
         self.running.pop(aid, None)
