@@ -15,6 +15,7 @@ from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientPr
 from twisted.internet import defer
 from twisted.internet.endpoints import clientFromString
 from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 
 from car_twisted.config import ServerStateConfig
 from car_twisted.testing import MemorySink
@@ -69,6 +70,14 @@ def request(method: str, params: Any = None, rid: Any = 1) -> bytes:
 # -- a real WebSocket client ---------------------------------------------------
 
 
+class CallbackError(Exception):
+    def __init__(self, code: int, message: str, data: Any = None) -> None:
+        super().__init__(message)
+        self.error = {"code": code, "message": message}
+        if data is not None:
+            self.error["data"] = data
+
+
 class _ClientProtocol(WebSocketClientProtocol):
     def onOpen(self) -> None:
         self.factory.owner._opened(self)
@@ -96,6 +105,11 @@ class WsTestClient:
     _waiters: dict[Any, defer.Deferred] = attrs.field(factory=dict)
     _next: int = 100
     _frame_waiters: list[defer.Deferred] = attrs.field(factory=list)
+    # Server-to-client requests: ``on_request(msg)`` returns a result, a
+    # Deferred of one, or raises ``CallbackError`` to answer with an error.
+    on_request: Any = None
+    requests: list[Any] = attrs.field(factory=list)
+    notifications: list[Any] = attrs.field(factory=list)
 
     @classmethod
     async def connect(
@@ -123,11 +137,33 @@ class WsTestClient:
         waiters, self._frame_waiters = self._frame_waiters, []
         for d in waiters:
             d.callback(msg)
+        if isinstance(msg, dict) and "method" in msg:
+            if "id" in msg:
+                self.requests.append(msg)
+                self._serve(msg)
+            else:
+                self.notifications.append(msg)
+            return
         if isinstance(msg, dict) and "id" in msg and ("result" in msg or "error" in msg):
             key = (type(msg["id"]).__name__, msg["id"])
             d = self._waiters.pop(key, None)
             if d is not None:
                 d.callback(msg)
+
+    def _serve(self, msg: dict) -> None:
+        def reply(result: Any) -> None:
+            self.send_raw(json.dumps({"jsonrpc": "2.0", "id": msg["id"], "result": result}))
+
+        def error(failure: Any) -> None:
+            exc = failure.value
+            err = exc.error if isinstance(exc, CallbackError) else {"code": -32000, "message": str(exc)}
+            self.send_raw(json.dumps({"jsonrpc": "2.0", "id": msg["id"], "error": err}))
+
+        if self.on_request is None:
+            error(Failure(CallbackError(-32601, f"no handler for {msg['method']}")))
+            return
+        d = defer.maybeDeferred(self.on_request, msg)
+        d.addCallbacks(reply, error)
 
     def _closed_with(self, code: Any, reason: Any) -> None:
         self.close_code = code
