@@ -26,6 +26,7 @@ __all__ = [
     "PROTOCOL_MISMATCH",
     "RpcError",
     "InvalidParams",
+    "Forbidden",
     "MethodNotFound",
     "AuthFailed",
     "AgentAlreadyAttached",
@@ -77,6 +78,13 @@ class RpcError(Exception):
         if self.data is not None:
             err["data"] = self.data
         return err
+
+
+class Forbidden(RpcError):
+    """The connection's role does not allow this method."""
+
+    def __init__(self, what: str):
+        super().__init__(f"forbidden: {what}")
 
 
 class InvalidParams(RpcError):

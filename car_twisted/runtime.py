@@ -75,6 +75,9 @@ class StateView:
             raise RpcError(f"state is full: at most {self._store.max_keys} keys per session")
         data[full] = value
 
+    def delete(self, key: str) -> None:
+        self._store._data.pop(self._full(key), None)
+
     def keys(self) -> list[str]:
         return [k for k in (self._mine(f) for f in self._store._data) if k is not None]
 
@@ -99,6 +102,9 @@ class SessionRuntime:
         self.global_policies: list[PolicyDefinition] = []
         self.policy_sessions: dict[str, list[PolicyDefinition]] = {}
         self.state = StateStore()
+        # Set by a terminal tool error: later proposals are refused until a
+        # host clears it (session.clear_halt) or the client reconnects.
+        self.halted: dict[str, str] | None = None
 
     # -- tools -------------------------------------------------------------------
 

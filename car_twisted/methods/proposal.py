@@ -15,7 +15,7 @@ from typing import Any, Iterable
 import attrs
 from zope.interface import implementer
 
-from car_twisted.errors import InvalidParams
+from car_twisted.errors import InvalidParams, RpcError
 from car_twisted.interfaces import IMethodProvider, IToolExecutor
 from car_twisted.proposal.engine import ProposalEngine
 from car_twisted.proposal.ir import DEFAULT_MAX_RETRIES, parse_proposal
@@ -73,6 +73,12 @@ class ProposalMethods:
     def submit(self, session: ClientSession, p: SubmitParams) -> Any:
         proposal = parse_proposal(p.proposal)
         runtime = session.runtime
+        if runtime.halted is not None:
+            raise RpcError(
+                f"session halted: a terminal tool error in action '{runtime.halted['action_id']}' "
+                f"({runtime.halted['reason']}); reconnect, or have a host call session.clear_halt",
+                data={"halted": runtime.halted},
+            )
         tenant = None
         if p.scope is not None:
             tenant = p.scope.get("tenantId", p.scope.get("tenant_id"))
@@ -87,4 +93,9 @@ class ProposalMethods:
             policies=policies,
             session_id=p.session_id,
         )
-        return engine.run(proposal)
+        def note_halt(result: Any) -> Any:
+            if result.halted is not None:
+                runtime.halted = result.halted
+            return result
+
+        return engine.run(proposal).addCallback(note_halt)

@@ -18,7 +18,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from car_twisted.auth import tokens_equal
-from car_twisted.errors import AuthFailed, InvalidParams
+from car_twisted.errors import AuthFailed, Forbidden, InvalidParams
 from car_twisted.interfaces import IAgentIdentities, IMethodProvider
 from car_twisted.methods.tools import tool_definitions
 from car_twisted.proposal.rules import parse_policy
@@ -48,6 +48,11 @@ class InitParams:
 
 
 @attrs.frozen
+class ClearHaltParams:
+    session_id: str | None = attrs.field(default=None, metadata={"max_len": 256})
+
+
+@attrs.frozen
 class PolicySessionParams:
     session_id: str = attrs.field(metadata={"max_len": 256})
 
@@ -71,7 +76,22 @@ class SessionMethods:
             MethodSpec("session.init", self.init, params=InitParams, description="Register tools and policies in one batch."),
             MethodSpec("session.policy.open", self.policy_open, description="Open a policy-scoping session."),
             MethodSpec("session.policy.close", self.policy_close, params=PolicySessionParams, description="Close a policy session and drop its policies."),
+            MethodSpec("session.clear_halt", self.clear_halt, params=ClearHaltParams, description="Host only: let halted sessions submit proposals again."),
         )
+
+    def clear_halt(self, session: ClientSession, p: "ClearHaltParams") -> dict[str, Any]:
+        """A terminal tool error halts a session; a host lets it go on."""
+        if not session.is_host:
+            raise Forbidden("session.clear_halt needs the host role (session.auth with the host token)")
+        cleared = []
+        for other in self.state.sessions.values():
+            runtime = other._runtime
+            if runtime is None or runtime.halted is None:
+                continue
+            if p.session_id in (None, other.client_id, runtime.session_id):
+                runtime.halted = None
+                cleared.append(other.client_id)
+        return {"cleared": len(cleared), "client_ids": cleared}
 
     def init(self, session: ClientSession, p: "InitParams") -> dict[str, Any]:
         schemas = tool_definitions(p.tools, "tools")

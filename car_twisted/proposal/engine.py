@@ -125,6 +125,8 @@ class _Execution:
         self.aborted: str | None = None
         self.launching = False
         self.relaunch = False
+        self.halted: dict[str, str] | None = None
+        self.undo: dict[str, tuple[bool, Any]] = {}
         self.started = engine.clock.seconds()
         self.done: Deferred = Deferred(self._cancel_all)
 
@@ -263,10 +265,29 @@ class _Execution:
                 _log.failure("action {action_id} crashed", failure=outcome, action_id=aid)
             res.status = "failed"
             res.error = res.error or ("cancelled" if isinstance(exc, CancelledError) else "internal error")
-        if res.status in ("failed", "rejected") and self.actions[aid].failure_behavior != "skip":
+        if self.halted is not None:
+            self._abort(f"action '{aid}' hit a terminal tool error")
+        elif res.status in ("failed", "rejected") and self.actions[aid].failure_behavior != "skip":
             self._abort(f"action '{aid}' {res.status}")
         if not self.done.called:
             self._launch()
+
+    def _write(self, key: str, value: Any) -> None:
+        """Every state write goes here, so a halt can roll the proposal back."""
+        state = self.engine.state
+        if key not in self.undo:
+            self.undo[key] = (key in state, state.get(key))
+        state.set(key, value)
+
+    def _rollback(self) -> None:
+        state = self.engine.state
+        for key, (present, old) in self.undo.items():
+            if present:
+                state.set(key, old)
+            else:
+                state.delete(key)
+        for res in self.results.values():
+            res.state_changes = {}
 
     def _cancel_all(self, done: Deferred) -> None:
         self.aborted = self.aborted or "cancelled"
@@ -275,6 +296,8 @@ class _Execution:
             d.cancel()
 
     def _result(self) -> ProposalResult:
+        if self.halted is not None:
+            self._rollback()
         results = tuple(self.results[a.id] for a in self.proposal.actions)
         counts = {s: sum(1 for r in results if r.status == s) for s in ("succeeded", "failed", "rejected", "skipped")}
         cost = {
@@ -285,7 +308,7 @@ class _Execution:
             "total_duration_ms": round((self.engine.clock.seconds() - self.started) * 1000.0, 3),
             "retries": self.engine.retries,
         }
-        return ProposalResult(self.proposal.id, results, cost)
+        return ProposalResult(self.proposal.id, results, cost, self.halted)
 
     # -- one action ------------------------------------------------------------------
 
@@ -310,7 +333,7 @@ class _Execution:
                 await self._tool_call(a, res)
             elif a.type == "state_write":
                 key, value = a.parameters["key"], a.parameters.get("value")
-                state.set(key, value)
+                self._write(key, value)
                 res.output, res.state_changes = value, {key: value}
                 res.status = "succeeded"
             elif a.type == "state_read":
@@ -327,7 +350,7 @@ class _Execution:
                     res.status, res.error = "failed", f"assertion failed: {bad.describe()}"
             if res.status == "succeeded" and a.expected_effects:
                 for key, value in a.expected_effects.items():
-                    state.set(key, value)
+                    self._write(key, value)
                 res.state_changes = {**res.state_changes, **a.expected_effects}
         finally:
             res.duration_ms = round((engine.clock.seconds() - began) * 1000.0, 3)
@@ -351,7 +374,13 @@ class _Execution:
                 res.output = await engine.executor.execute(call)
             except ToolError as e:
                 res.error = e.message
-                if e.terminal or e.kind == "disconnected":
+                if e.terminal:
+                    # The client says no retry can help: abort and roll the
+                    # proposal back whatever failure_behavior says, and halt
+                    # the session (see ProposalMethods).
+                    self.halted = {"action_id": a.id, "reason": e.message}
+                    break
+                if e.kind == "disconnected":
                     break
                 continue
             res.status, res.error = "succeeded", None

@@ -336,13 +336,22 @@ class ActionResult:
 
 @attrs.frozen
 class ProposalResult:
+    """
+    @ivar halted: set when a terminal tool error aborted the proposal:
+        ``{action_id, reason}``; its state writes were rolled back.
+    """
+
     proposal_id: str
     results: tuple[ActionResult, ...]
     cost: dict
+    halted: dict | None = None
 
     def to_wire(self) -> dict[str, Any]:
-        return {
+        out = {
             "proposal_id": self.proposal_id,
             "results": [r.to_wire() for r in self.results],
             "cost": self.cost,
         }
+        if self.halted is not None:
+            out["halted"] = self.halted
+        return out

@@ -262,3 +262,24 @@ def test_session_id_is_stamped():
     rig = Rig()
     rig.run([tool("a1")], session_id="psess-1")
     assert rig.executor.calls[0].session_id == "psess-1"
+
+
+def test_terminal_error_aborts_rolls_back_and_halts():
+    """A terminal tool error aborts even a skip action and undoes the proposal's writes."""
+    def fatal(call):
+        raise ToolError("card declined", terminal=True)
+
+    rig = Rig(tools={"echo": lambda c: 1, "charge": fatal}, state={"balance": 10})
+    rig.run([
+        {"id": "w", "type": "state_write", "parameters": {"key": "balance", "value": 0}},
+        tool("fx", expected_effects={"fx_locked": True}),
+        tool("pay", "charge", failure_behavior="skip", dependencies=["w", "fx"]),
+        tool("after", dependencies=["pay"], failure_behavior="skip"),
+        tool("receipt", dependencies=["w"], failure_behavior="skip"),
+    ])
+    res = rig.result()
+    assert res.halted == {"action_id": "pay", "reason": "card declined"}
+    assert rig.view.get("balance") == 10 and "fx_locked" not in rig.view
+    assert all(r.state_changes == {} for r in res.results)
+    assert rig.statuses()["pay"] == "failed" and rig.statuses()["after"] == "skipped"
+    assert res.to_wire()["halted"]["action_id"] == "pay"

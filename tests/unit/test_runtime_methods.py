@@ -217,3 +217,31 @@ def test_handler_deadline_cancels_tool_and_answers_32004(tmp_path, clock):
     (reply,) = c.sink.pop()
     assert reply["error"]["code"] == -32004
     assert fake.held["a"].called  # the running call was cancelled
+
+
+def test_halt_refuses_later_proposals_until_a_host_clears_it(tmp_path, clock):
+    from car_twisted.interfaces import IToolExecutor
+    from car_twisted.proposal.ir import ToolError
+    from car_twisted.testing import FakeToolExecutor
+    from support import HOST_TOKEN
+
+    state = make_state(tmp_path, clock)
+    agent = Conn(state)
+    agent.result("tools.register", [{"name": "charge"}])
+
+    def fatal(call):
+        raise ToolError("card declined", terminal=True)
+
+    agent.session._components[IToolExecutor] = FakeToolExecutor({"charge": fatal})
+    submit = {"proposal": {"actions": [{"id": "pay", "type": "tool_call", "tool": "charge"}]}}
+    assert agent.result("proposal.submit", submit)["halted"] == {"action_id": "pay", "reason": "card declined"}
+    refused = agent.call("proposal.submit", submit)
+    assert refused["error"]["code"] == -32603 and "session halted" in refused["error"]["message"]
+    assert agent.call("session.clear_halt", {})["error"]["message"].startswith("forbidden:")
+
+    host = Conn(state)
+    host.send("session.auth", {"host_token": HOST_TOKEN})
+    host.sink.pop()
+    assert host.result("session.clear_halt", {"session_id": agent.session.client_id}) == {
+        "cleared": 1, "client_ids": [agent.session.client_id]}
+    assert "results" in agent.result("proposal.submit", submit)
