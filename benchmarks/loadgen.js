@@ -11,6 +11,20 @@
 // window no new request is sent; outstanding replies are drained (bounded
 // by --drain seconds) and the sockets are closed.
 //
+// --mode picks what one measured operation is (latency = start of the
+// operation to its end, rps = operations completed per second):
+//   echo      one "bench.echo" request and its reply (the default);
+//   echo2     two "bench.echo" requests in sequence: the second is sent
+//             when the first one's reply arrives; done at the second reply;
+//   callback  one "proposal.submit" with a single tool_call action on the
+//             tool "echo" (registered with tools.register during set-up).
+//             The daemon calls the client back with "tools.execute"; the
+//             load generator answers it at once (result = the call's
+//             parameters) and the operation is done when the proposal's
+//             reply arrives.  A reply whose action did not succeed counts
+//             as an error.
+// echo2 and callback both cost two network round trips per operation.
+//
 // The whole run is bounded: at most --max-requests measured-loop requests
 // are sent in total, and a hard timer exits the process (status 2) if
 // anything hangs.  The result is one JSON object on stdout.
@@ -31,6 +45,7 @@ function parseArgs(argv) {
     connectTimeout: 10,
     drain: 5,
     method: "bench.echo",
+    mode: "echo",
   };
   const numeric = new Set([
     "conns", "depth", "seconds", "warmup", "maxRequests", "connectTimeout", "drain",
@@ -48,6 +63,9 @@ function parseArgs(argv) {
   if (!opts.url) throw new Error("--url is required");
   if (opts.conns < 1 || opts.depth < 1) throw new Error("--conns and --depth must be >= 1");
   if (!(opts.seconds > 0)) throw new Error("--seconds must be > 0");
+  if (!["echo", "echo2", "callback"].includes(opts.mode)) {
+    throw new Error(`--mode must be echo, echo2 or callback, not ${opts.mode}`);
+  }
   return opts;
 }
 
@@ -82,8 +100,18 @@ function main() {
     method: "server.handshake",
     params: { protocol_version: 3, client_version: "bench", required_capabilities: [] },
   });
+  const registerFrame = JSON.stringify({
+    jsonrpc: "2.0", id: 3, method: "tools.register", params: [{ name: "echo" }],
+  });
   const reqHead = '{"jsonrpc":"2.0","id":';
   const reqTail = `,"method":${JSON.stringify(opts.method)},"params":{}}`;
+  const proposalTail = `,"method":"proposal.submit","params":${JSON.stringify({
+    proposal: {
+      actions: [{ id: "a1", type: "tool_call", tool: "echo", parameters: { x: 1 } }],
+    },
+  })}}`;
+  const callbackMode = opts.mode === "callback";
+  const echo2Mode = opts.mode === "echo2";
 
   // Shared measurement state.
   let measureStart = Infinity; // performance.now() values, ms
@@ -94,6 +122,8 @@ function main() {
   let errors = 0;
   let firstError = null;
   let unexpected = 0;
+  let opsDone = 0; // operations completed over the whole run (warm-up included)
+  let callbacks = 0; // tools.execute requests answered
   let latencies = new Float64Array(1 << 16);
   let nLat = 0;
   let ready = 0;
@@ -124,18 +154,43 @@ function main() {
     const conn = {
       ws,
       phase: "connecting",
-      nextId: 100, // ids 0 and 2 are the auth and handshake requests
-      inFlight: new Map(), // id -> send time
+      nextId: 100, // ids 0, 2 and 3 are the auth, handshake and register requests
+      inFlight: new Map(), // id -> start time of its operation
+      firstLeg: new Set(), // echo2: ids of first echoes (a second one follows)
       done: false,
     };
 
+    // Start one operation: its first (or only) request.
     const send = () => {
       const id = conn.nextId++;
       conn.inFlight.set(id, performance.now());
       budget--;
       totalSent++;
+      if (callbackMode) {
+        ws.send(reqHead + id + proposalTail);
+      } else {
+        if (echo2Mode) conn.firstLeg.add(id);
+        ws.send(reqHead + id + reqTail);
+      }
+    };
+    // echo2: the second echo of the operation that started at sentAt.
+    const sendSecond = (sentAt) => {
+      const id = conn.nextId++;
+      conn.inFlight.set(id, sentAt);
+      totalSent++;
       ws.send(reqHead + id + reqTail);
     };
+    // callback: answer the daemon's tools.execute at once.
+    const answerCallback = (msg) => {
+      callbacks++;
+      const p = msg.params;
+      const output = p && p.parameters !== undefined ? p.parameters : null;
+      ws.send(JSON.stringify({ jsonrpc: "2.0", id: msg.id, result: output }));
+    };
+    // callback: did the proposal's only action succeed?
+    const proposalOk = (result) =>
+      result !== null && typeof result === "object" && Array.isArray(result.results) &&
+      result.results.length === 1 && result.results[0].status === "succeeded";
     conn.start = () => {
       conn.phase = "load";
       for (let i = 0; i < opts.depth && budget > 0; i++) send();
@@ -155,6 +210,11 @@ function main() {
         return;
       }
       if (conn.phase === "load") {
+        if (callbackMode && msg.method !== undefined) {
+          if (msg.method === "tools.execute" && typeof msg.id === "string") answerCallback(msg);
+          else unexpected++;
+          return;
+        }
         const sentAt = conn.inFlight.get(msg.id);
         if (sentAt === undefined) {
           unexpected++;
@@ -164,8 +224,16 @@ function main() {
         if (msg.error !== undefined || msg.result === undefined) {
           errors++;
           if (firstError === null) firstError = msg.error || msg;
-        } else if (now >= measureStart && now < measureEnd) {
-          record(now - sentAt);
+          conn.firstLeg.delete(msg.id);
+        } else if (echo2Mode && conn.firstLeg.delete(msg.id)) {
+          sendSecond(sentAt); // the operation goes on, whatever the time
+          return;
+        } else if (callbackMode && !proposalOk(msg.result)) {
+          errors++;
+          if (firstError === null) firstError = msg.result;
+        } else {
+          opsDone++;
+          if (now >= measureStart && now < measureEnd) record(now - sentAt);
         }
         if (now < sendStop && budget > 0) {
           send();
@@ -182,7 +250,11 @@ function main() {
       if (conn.phase === "auth" && msg.id === 0) {
         conn.phase = "handshake";
         ws.send(handshakeFrame);
-      } else if (conn.phase === "handshake" && msg.id === 2) {
+      } else if (conn.phase === "handshake" && msg.id === 2 && callbackMode) {
+        conn.phase = "register";
+        ws.send(registerFrame);
+      } else if ((conn.phase === "handshake" && msg.id === 2) ||
+                 (conn.phase === "register" && msg.id === 3)) {
         conn.phase = "ready";
         ready++;
         if (ready === opts.conns) startLoad();
@@ -244,6 +316,7 @@ function main() {
     for (let i = 0; i < lat.length; i++) sum += lat[i];
     const result = {
       url: opts.url,
+      mode: opts.mode,
       conns: opts.conns,
       depth: opts.depth,
       warmup_s: opts.warmup,
@@ -257,6 +330,8 @@ function main() {
       max_ms: lat.length ? lat[lat.length - 1] : null,
       mean_ms: lat.length ? sum / lat.length : null,
       sent: totalSent,
+      ops_done: opsDone,
+      callbacks,
       errors,
       first_error: firstError,
       unexpected,

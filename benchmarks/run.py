@@ -13,6 +13,12 @@ the daemon/baseline throughput ratios per shape.
     python benchmarks/run.py [--shapes 16x8,1x1] [--seconds 4] [--warmup 1]
                              [--repeat 3] [--json out.json]
 
+``--scenario callback`` measures the daemon alone instead: a
+``proposal.submit`` with one ``tool_call`` whose ``tools.execute``
+callback the load generator answers at once, next to one ``bench.echo``
+and two sequential ``bench.echo`` requests, in the same run and shapes
+(default 16x4,1x1).
+
 Standard library only (plus ``node``/``npm`` on PATH).  See README.md.
 """
 
@@ -47,6 +53,15 @@ SERVERS: dict[str, tuple[str, str, bool]] = {
     "websockets": ("websockets-bare", "servers/websockets_bare.py", False),
 }
 BASELINES = ("autobahn", "websockets")
+
+# --scenario callback: loadgen modes, measured on the car server only.
+# mode -> label; every mode is one "operation" (rps = operations/s).
+MODES: dict[str, str] = {
+    "echo": "1 echo",
+    "echo2": "2 echoes (seq.)",
+    "callback": "proposal+callback",
+}
+DEFAULT_SHAPES = {"throughput": "16x8,1x1", "callback": "16x4,1x1"}
 
 SERVER_START_TIMEOUT = 20.0
 SERVER_STOP_TIMEOUT = 15.0  # generous: a cProfile'd server writes its stats on exit
@@ -239,9 +254,10 @@ class Server:
 
 
 def run_loadgen(node: str, server: Server, conns: int, depth: int, args: argparse.Namespace,
-                token: str, cpus: set[int] | None) -> dict:
+                token: str, cpus: set[int] | None, mode: str = "echo") -> dict:
     cmd = [
         node, str(LOADGEN),
+        "--mode", mode,
         "--url", server.url,
         "--token", token,
         "--conns", str(conns),
@@ -286,10 +302,15 @@ def run_loadgen(node: str, server: Server, conns: int, depth: int, args: argpars
     result["loadgen_cpu_pct"] = 100.0 * (
         (children1.ru_utime + children1.ru_stime) - (children0.ru_utime + children0.ru_stime)
     ) / wall
-    result["server_cpu_pct"] = (
-        100.0 * (server_cpu1 - server_cpu0) / wall
-        if server_cpu0 is not None and server_cpu1 is not None else None
-    )
+    server_cpu_s = (server_cpu1 - server_cpu0
+                    if server_cpu0 is not None and server_cpu1 is not None else None)
+    result["server_cpu_pct"] = 100.0 * server_cpu_s / wall if server_cpu_s is not None else None
+    # Server CPU per completed operation, over the whole run (set-up is a
+    # few requests per connection, negligible); clock-tick resolution.
+    ops = result.get("ops_done") or 0
+    result["server_cpu_s"] = server_cpu_s
+    result["server_us_per_op"] = (1e6 * server_cpu_s / ops
+                                  if server_cpu_s is not None and ops else None)
     # Everything else the machine did meanwhile; a high figure means a
     # disturbed run.  Two estimates, the larger counts: CPU time of the other
     # processes (misses processes that came and went during the run), and
@@ -340,6 +361,15 @@ def parse_servers(text: str) -> list[str]:
     return names
 
 
+def parse_modes(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in MODES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown mode(s) {', '.join(unknown)}; choose from {', '.join(MODES)}")
+    return names
+
+
 def parse_cpus(text: str) -> set[int]:
     try:
         return {int(c) for c in text.split(",") if c.strip()}
@@ -352,6 +382,24 @@ def _version(dist: str) -> str | None:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
         return None
+
+
+def _git_state() -> dict | None:
+    """The checkout measured: commit, and uncommitted changes to the package."""
+    root = HERE.parent
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
+                                text=True, timeout=30)
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--",
+                                "car_twisted"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if commit.returncode != 0:
+        return None
+    return {
+        "commit": commit.stdout.strip(),
+        "uncommitted_in_car_twisted": [line[3:] for line in dirty.stdout.splitlines()],
+    }
 
 
 def environment(node: str) -> dict:
@@ -374,6 +422,7 @@ def environment(node: str) -> dict:
         ws_version = None
     return {
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "git": _git_state(),
         "platform": platform.platform(),
         "cpu": cpu_model,
         "cpu_count": os.cpu_count(),
@@ -389,6 +438,70 @@ def environment(node: str) -> dict:
 
 # -- results ------------------------------------------------------------------
 
+def _median_or_none(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def _row(mine: list[dict]) -> dict:
+    rps = [r["rps"] for r in mine]
+    med = statistics.median(rps)
+    return {
+        "runs": len(mine),
+        "rps": med,
+        "rps_min": min(rps),
+        "rps_max": max(rps),
+        "spread_pct": 100.0 * (max(rps) - min(rps)) / med if med else None,
+        "p50_ms": statistics.median(r["p50_ms"] for r in mine),
+        "p99_ms": statistics.median(r["p99_ms"] for r in mine),
+        "server_cpu_pct": _median_or_none(r.get("server_cpu_pct") for r in mine),
+        "server_us_per_op": _median_or_none(r.get("server_us_per_op") for r in mine),
+    }
+
+
+def summarize_callback(runs: list[dict], modes: list[str], shapes: list[tuple[int, int]]) -> dict:
+    """Medians per (mode, shape) on the car server, and callback/echo ratios."""
+    rows = []
+    by_key: dict[tuple[str, str], dict] = {}
+    for c, d in shapes:
+        shape = f"{c}x{d}"
+        for mode in modes:
+            mine = [r for r in runs if r["mode"] == mode and r["shape"] == shape]
+            if not mine:
+                continue
+            row = {"server": "car", "mode": mode, "label": MODES[mode], "shape": shape,
+                   **_row(mine)}
+            rows.append(row)
+            by_key[(mode, shape)] = row
+    ratios = []
+    for c, d in shapes:
+        shape = f"{c}x{d}"
+        cb = by_key.get(("callback", shape))
+        if cb is None:
+            continue
+        entry: dict = {"shape": shape}
+        for base in ("echo", "echo2"):
+            other = by_key.get((base, shape))
+            if other is None:
+                continue
+            entry[f"callback/{base}_rps"] = cb["rps"] / other["rps"]
+            entry[f"callback/{base}_p50"] = cb["p50_ms"] / other["p50_ms"]
+            entry[f"callback/{base}_p99"] = cb["p99_ms"] / other["p99_ms"]
+            if cb["server_us_per_op"] and other["server_us_per_op"]:
+                entry[f"callback/{base}_server_cpu_per_op"] = (
+                    cb["server_us_per_op"] / other["server_us_per_op"])
+            paired = [
+                r["rps"] / o["rps"]
+                for r in runs if r["mode"] == "callback" and r["shape"] == shape
+                for o in runs if o["mode"] == base and o["shape"] == shape
+                and o["round"] == r["round"]
+            ]
+            if paired:
+                entry[f"callback/{base}_rps_paired_median"] = statistics.median(paired)
+        ratios.append(entry)
+    return {"rows": rows, "ratios": ratios}
+
+
 def summarize(runs: list[dict], servers: list[str], shapes: list[tuple[int, int]]) -> dict:
     rows = []
     by_key: dict[tuple[str, str], dict] = {}
@@ -398,20 +511,7 @@ def summarize(runs: list[dict], servers: list[str], shapes: list[tuple[int, int]
             mine = [r for r in runs if r["server"] == name and r["shape"] == shape]
             if not mine:
                 continue
-            rps = [r["rps"] for r in mine]
-            med = statistics.median(rps)
-            row = {
-                "server": name,
-                "label": SERVERS[name][0],
-                "shape": shape,
-                "runs": len(mine),
-                "rps": med,
-                "rps_min": min(rps),
-                "rps_max": max(rps),
-                "spread_pct": 100.0 * (max(rps) - min(rps)) / med if med else None,
-                "p50_ms": statistics.median(r["p50_ms"] for r in mine),
-                "p99_ms": statistics.median(r["p99_ms"] for r in mine),
-            }
+            row = {"server": name, "label": SERVERS[name][0], "shape": shape, **_row(mine)}
             rows.append(row)
             by_key[(name, shape)] = row
     ratios = []
@@ -463,6 +563,37 @@ def print_table(summary: dict, args: argparse.Namespace, out=sys.stdout) -> None
     print(file=out)
 
 
+def print_callback_table(summary: dict, args: argparse.Namespace, out=sys.stdout) -> None:
+    print(file=out)
+    print(f"car-twisted only; median of {args.repeat} run(s) per cell; {args.seconds:g}s measured "
+          f"after {args.warmup:g}s warm-up; one op = one echo / two sequential echoes / one "
+          f"proposal.submit with one tool_call (callback answered at once); "
+          f"server us/op = server CPU per op", file=out)
+    header = (f"{'operation':<18} {'shape':>6} {'ops/s':>10} {'spread':>7} {'p50 ms':>8} "
+              f"{'p99 ms':>8} {'srv cpu':>8} {'srv us/op':>10}")
+    print(header, file=out)
+    print("-" * len(header), file=out)
+    for row in summary["rows"]:
+        spread = f"{row['spread_pct']:.0f}%" if row["spread_pct"] is not None else "-"
+        us = f"{row['server_us_per_op']:.1f}" if row["server_us_per_op"] is not None else "-"
+        print(f"{row['label']:<18} {row['shape']:>6} {row['rps']:>10.0f} {spread:>7} "
+              f"{row['p50_ms']:>8.3f} {row['p99_ms']:>8.3f} {_pct(row['server_cpu_pct']):>8} "
+              f"{us:>10}", file=out)
+    if summary["ratios"]:
+        print(file=out)
+        print(f"{'shape':>6} {'vs':>6} {'ops/s':>7} {'p50':>7} {'p99':>7} {'srv us/op':>10}"
+              f"   (proposal+callback / baseline)", file=out)
+        for e in summary["ratios"]:
+            for base in ("echo", "echo2"):
+                if f"callback/{base}_rps" not in e:
+                    continue
+                cpu = e.get(f"callback/{base}_server_cpu_per_op")
+                print(f"{e['shape']:>6} {base:>6} {e[f'callback/{base}_rps']:>7.2f} "
+                      f"{e[f'callback/{base}_p50']:>7.2f} {e[f'callback/{base}_p99']:>7.2f} "
+                      f"{(f'{cpu:.2f}' if cpu is not None else '-'):>10}", file=out)
+    print(file=out)
+
+
 def print_profile(path: Path, limit: int) -> None:
     import pstats
 
@@ -481,13 +612,22 @@ def _pct(value: float | None) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description="JSON-RPC over WebSocket throughput: car-twisted vs bare Autobahn and websockets.")
-    p.add_argument("--shapes", type=parse_shapes, default=parse_shapes("16x8,1x1"),
-                   help="comma-separated CONNSxDEPTH shapes (default 16x8,1x1)")
+    p.add_argument("--scenario", choices=("throughput", "callback"), default="throughput",
+                   help="throughput: bench.echo on every server (default); callback: the "
+                        "car server only, proposal.submit with one tool_call next to one and "
+                        "two sequential bench.echo requests")
+    p.add_argument("--modes", type=parse_modes, default=list(MODES),
+                   help="with --scenario callback: comma-separated subset of "
+                        "echo,echo2,callback (default all)")
+    p.add_argument("--shapes", type=parse_shapes, default=None,
+                   help="comma-separated CONNSxDEPTH shapes (default 16x8,1x1; "
+                        "16x4,1x1 with --scenario callback)")
     p.add_argument("--seconds", type=float, default=4.0, help="measured seconds per run (default 4)")
     p.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds first (default 1)")
     p.add_argument("--repeat", type=int, default=3, help="round-robin rounds (default 3)")
-    p.add_argument("--servers", type=parse_servers, default=list(SERVERS),
-                   help="comma-separated subset of car,autobahn,websockets (default all)")
+    p.add_argument("--servers", type=parse_servers, default=None,
+                   help="comma-separated subset of car,autobahn,websockets (default all; "
+                        "--scenario callback uses car only)")
     p.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON")
     p.add_argument("--pause", type=float, default=0.5, help="idle seconds between runs (default 0.5)")
     p.add_argument("--quiet-pct", type=float, default=20.0,
@@ -514,6 +654,15 @@ def main(argv: list[str] | None = None) -> int:
                         "and print the top entries (the figures are then distorted)")
     p.add_argument("--profile-top", type=int, default=30)
     args = p.parse_args(argv)
+    callback = args.scenario == "callback"
+    if args.shapes is None:
+        args.shapes = parse_shapes(DEFAULT_SHAPES[args.scenario])
+    if callback:
+        if args.servers is not None and args.servers != ["car"]:
+            p.error("--scenario callback runs the car server only (--servers car, or leave it out)")
+        args.servers = ["car"]
+    elif args.servers is None:
+        args.servers = list(SERVERS)
     if args.repeat < 1 or args.seconds <= 0 or args.warmup < 0 or args.max_requests < 1 \
             or args.retries < 0:
         p.error("--repeat and --max-requests must be >= 1, --seconds > 0, "
@@ -557,14 +706,18 @@ def main(argv: list[str] | None = None) -> int:
             server.start()
             print(f"started {server.label} (pid {server.proc.pid}) on {server.url}", file=sys.stderr)
 
-        total = args.repeat * len(args.shapes) * len(args.servers)
+        # One cell = one server driven in one loadgen mode.
+        cells = ([("car", m) for m in args.modes] if callback
+                 else [(name, "echo") for name in args.servers])
+        total = args.repeat * len(args.shapes) * len(cells)
         n = 0
         for rnd in range(args.repeat):
-            # Rotate the server order each round so no server always runs first.
-            order = args.servers[rnd % len(args.servers):] + args.servers[:rnd % len(args.servers)]
+            # Rotate the cell order each round so no server/mode always runs first.
+            order = cells[rnd % len(cells):] + cells[:rnd % len(cells)]
             for conns, depth in args.shapes:
-                for name in order:
+                for name, mode in order:
                     server = servers[name]
+                    label = MODES[mode] if callback else server.label
                     n += 1
                     for attempt in range(args.retries + 1):
                         if args.pause > 0:
@@ -575,19 +728,20 @@ def main(argv: list[str] | None = None) -> int:
                                 print(f"note: machine still {idle_busy:.0f}% busy after waiting "
                                       f"{args.quiet_timeout:g}s; running anyway", file=sys.stderr)
                         server.check_alive()
-                        res = run_loadgen(args.node, server, conns, depth, args, token, loadgen_cpus)
+                        res = run_loadgen(args.node, server, conns, depth, args, token,
+                                          loadgen_cpus, mode)
                         server.check_alive()
                         other = res["other_cpu_pct"]
                         res["disturbed"] = other is not None and other > args.max_other
                         res["attempt"] = attempt + 1
-                        print(f"[{n}/{total}] round {rnd + 1} {server.label:<16} {conns}x{depth}: "
+                        print(f"[{n}/{total}] round {rnd + 1} {label:<17} {conns}x{depth}: "
                               f"{res['rps']:>9.0f} rps  p50 {res['p50_ms']:.3f} ms  "
                               f"p99 {res['p99_ms']:.3f} ms  cpu: server {_pct(res['server_cpu_pct'])} "
                               f"loadgen {_pct(res['loadgen_cpu_pct'])} other {_pct(other)}"
                               + ("  DISTURBED" if res["disturbed"] else ""), file=sys.stderr)
                         if not res["disturbed"]:
                             break
-                    res.update(server=name, shape=f"{conns}x{depth}", round=rnd)
+                    res.update(server=name, mode=mode, shape=f"{conns}x{depth}", round=rnd)
                     runs.append(res)
     except BenchError as e:
         failed = True
@@ -606,14 +760,22 @@ def main(argv: list[str] | None = None) -> int:
     if not runs:
         print(f"server logs kept in {log_dir}", file=sys.stderr)
         return 1
-    summary = summarize(runs, args.servers, args.shapes)
+    if callback:
+        summary = summarize_callback(runs, args.modes, args.shapes)
+    else:
+        summary = summarize(runs, args.servers, args.shapes)
     if args.profile is not None:
         print("note: the car-twisted server ran under cProfile; its figures are distorted",
               file=sys.stderr)
-    print_table(summary, args)
+    if callback:
+        print_callback_table(summary, args)
+    else:
+        print_table(summary, args)
     if args.json is not None:
         doc = {
             "config": {
+                "scenario": args.scenario,
+                "modes": args.modes if callback else ["echo"],
                 "shapes": [f"{c}x{d}" for c, d in args.shapes],
                 "seconds": args.seconds,
                 "warmup": args.warmup,

@@ -28,6 +28,7 @@ from twisted.logger import (
 )
 
 from car_twisted import CarPaths, MethodSpec, ServerState, ServerStateConfig, make_car_service
+from car_twisted.service import freeze_startup_heap
 
 
 def echo(session, params):
@@ -60,6 +61,7 @@ def main() -> None:
         state = ServerState(config, reactor)
         svc = make_car_service(state, reactor, [f"tcp:{args.port}:interface=127.0.0.1"])
         svc.startService()
+        freeze_startup_heap()  # as `twist car` does once it is listening
         port = next(iter(svc)).port.getHost().port
         print(f"LISTENING {port}", flush=True)
         reactor.addSystemEventTrigger("before", "shutdown", svc.stopService)

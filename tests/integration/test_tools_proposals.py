@@ -141,35 +141,57 @@ async def test_timeout_sends_tools_cancel_and_retries(reactor, tmp_path, kind):
         await server.stop()
 
 
+async def until(reactor, predicate, what, timeout=10.0):
+    deadline = reactor.seconds() + timeout
+    while not predicate():
+        assert reactor.seconds() < deadline, f"timed out waiting for {what}"
+        await task.deferLater(reactor, 0.01, lambda: None)
+
+
 @pytest_twisted.ensureDeferred
-async def test_client_error_and_disconnect_mid_call(reactor, tmp_path):
+async def test_terminal_error_halts_the_session(reactor, tmp_path):
+    """A terminal client error is not retried and halts the session until reconnect."""
     server = await start_server(reactor, tmp_path)
     try:
         client = await ready_client(server, "tcp")
 
         def fail(msg):
-            raise CallbackError(-32000, "Python tool callback raised: ValueError: nope", {"terminal": True})
+            raise CallbackError(-32000, "Python tool callback raised: TerminalToolError: nope", {"terminal": True})
 
         client.on_request = fail
-        result = await client.result(
-            "proposal.submit",
-            {"proposal": {"actions": [tool_action("a1", failure_behavior="retry", max_retries=3)]}},
-        )
+        proposal = {"proposal": {"actions": [tool_action("a1", failure_behavior="retry", max_retries=3)]}}
+        result = await client.result("proposal.submit", proposal)
         (action,) = result["results"]
         assert action["status"] == "failed" and action["attempts"] == 1
-        assert action["error"] == "Python tool callback raised: ValueError: nope"
+        assert action["error"] == "Python tool callback raised: TerminalToolError: nope"
+        assert result["halted"]["action_id"] == "a1"
+        refused = await client.call("proposal.submit", proposal)
+        assert "session halted" in refused["error"]["message"]
+        assert len(client.requests) == 1
+        client.drop()
 
-        # Disconnect while a callback is pending: the session goes, nothing leaks.
-        client.on_request = lambda msg: defer.Deferred()
-        client.send("proposal.submit", {"proposal": {"actions": [tool_action("a2")]}})
-        while not client.requests[1:]:
-            await task.deferLater(reactor, 0.01, lambda: None)
+        fresh = await ready_client(server, "tcp")
+        fresh.on_request = lambda msg: "fine"
+        assert (await fresh.result("proposal.submit", proposal))["results"][0]["status"] == "succeeded"
+        fresh.drop()
+    finally:
+        await server.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_disconnect_mid_call_leaks_nothing(reactor, tmp_path):
+    server = await start_server(reactor, tmp_path)
+    try:
+        client = await ready_client(server, "tcp")
+        client.on_request = lambda msg: defer.Deferred()  # never answers
+        pending = client.send("proposal.submit", {"proposal": {"actions": [tool_action("a2")]}})
+        pending.addErrback(lambda f: None)  # the connection is about to go
+        await until(reactor, lambda: client.requests, "the tools.execute callback")
         session = next(iter(server.state.sessions.values()))
-        assert session.channel.pending_count() == 1
+        assert session.channel.pending_count() == 1 and session.in_flight == 1
         client.drop()
         await client.closed
-        while server.state.sessions:
-            await task.deferLater(reactor, 0.01, lambda: None)
+        await until(reactor, lambda: not server.state.sessions, "the session to close")
         assert session.channel.pending_count() == 0 and session.in_flight == 0
     finally:
         await server.stop()
