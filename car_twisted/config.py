@@ -102,6 +102,8 @@ class ServerStateConfig:
         are always allowed, others refused at the upgrade.
     @ivar tool_timeout_ms: wait for a ``tools.execute`` answer when the
         action has no ``timeout_ms`` (``CAR_TOOL_TIMEOUT`` seconds).
+    @ivar agent_stop_grace: seconds between SIGTERM and SIGKILL when an
+        agent is stopped.
     @ivar methods / method_providers: extra JSON-RPC methods.
     @ivar adapters: extra component adapters for the state's registry.
     @ivar agent_identities: provides ``IAgentIdentities`` (agent binding).
@@ -123,6 +125,7 @@ class ServerStateConfig:
     write_stall_timeout: float = 60.0
     idle_timeout: float = 300.0
     tool_timeout_ms: int = DEFAULT_TOOL_TIMEOUT_MS
+    agent_stop_grace: float = 10.0
     allowed_origins: tuple[str, ...] = attrs.field(default=(), converter=tuple)
     methods: tuple[MethodSpec, ...] = attrs.field(default=(), converter=tuple)
     method_providers: tuple[Any, ...] = attrs.field(

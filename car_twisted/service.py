@@ -156,6 +156,14 @@ class ListenerService(Service):
 
     def _listening(self, port: Any) -> None:
         self.port = port
+        address = port.getHost()
+        agents = getattr(getattr(self.factory, "state", None), "agents", None)
+        if agents is not None and agents.daemon_url is None and hasattr(address, "port"):
+            # Supervised agents reach the daemon over its first TCP listener.
+            host = address.host if address.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
+            if ":" in host:
+                host = f"[{host}]"
+            agents.daemon_url = f"ws://{host}:{address.port}"
         self._log.info(
             "CAR daemon listening on {description} ({address})",
             description=self.description,
@@ -170,15 +178,33 @@ class ListenerService(Service):
         return None
 
 
+class SupervisorService(Service):
+    """Auto-starts the manifest's agents; stops every child at shutdown."""
+
+    def __init__(self, supervisor: Any) -> None:
+        self.supervisor = supervisor
+        self.setName("agents")
+
+    def startService(self) -> None:
+        super().startService()
+        self.supervisor.load()
+        self.supervisor.boot()
+
+    def stopService(self) -> Any:
+        super().stopService()
+        return self.supervisor.shutdown()
+
+
 def make_car_service(state: Any, reactor: Any, listen: Sequence[str]) -> MultiService:
     """
-    The CAR server on every endpoint string in C{listen}, as one
-    ``MultiService`` to parent under an application's own.
+    The CAR server on every endpoint string in C{listen}, plus the agent
+    supervisor, as one ``MultiService`` to parent under an application's own.
     """
     factory = CarServerFactory(state, reactor=reactor)
     top = MultiService()
     for description in listen:
         ListenerService(reactor, description, factory).setServiceParent(top)
+    SupervisorService(state.agents).setServiceParent(top)
     return top
 
 
@@ -240,6 +266,9 @@ class CarDaemonService(MultiService):
                     secure_endpoint_description(description)
                 ).startService()
             self._publish_tokens()
+            agents = SupervisorService(self.state.agents)
+            agents.setServiceParent(self)
+            agents.startService()
             freeze_startup_heap()
         except Exception:
             for child in list(self):

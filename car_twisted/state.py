@@ -19,6 +19,7 @@ from zope.interface import Interface
 from car_twisted._version import SUPPORTED_PROTOCOL_VERSIONS
 from car_twisted._version import __version__
 from car_twisted.adapters import default_registry
+from car_twisted.agents.supervisor import Supervisor
 from car_twisted.auth import mint_token
 from car_twisted.config import ServerStateConfig
 from car_twisted.interfaces import IWsSink
@@ -34,6 +35,7 @@ SERVER_VERSION = __version__
 def _builtin_providers(state: "ServerState") -> Iterable[Any]:
     # Imported here: the method modules import ServerState for typing only,
     # and keeping the table assembly in one call keeps start-up explicit.
+    from car_twisted.methods.agents import AgentMethods
     from car_twisted.methods.policy import PolicyMethods
     from car_twisted.methods.proposal import ProposalMethods
     from car_twisted.methods.server import ServerMethods
@@ -48,6 +50,7 @@ def _builtin_providers(state: "ServerState") -> Iterable[Any]:
         PolicyMethods(state),
         StateMethods(state),
         ProposalMethods(state),
+        AgentMethods(state),
     )
 
 
@@ -70,7 +73,12 @@ class ServerState:
         )
         self.host_token: str = config.host_token or mint_token()
         self.components = default_registry(config.adapters)
-        self.agent_identities = config.agent_identities
+        self.agents = Supervisor(
+            clock, config.paths.home, stop_grace=config.agent_stop_grace
+        )
+        # The supervisor knows every agent's token; an embedder may bring
+        # its own identities instead.
+        self.agent_identities = config.agent_identities or self.agents
         self.sessions: dict[str, ClientSession] = {}
         self._ids = itertools.count(1)
         self.methods = MethodRegistry()

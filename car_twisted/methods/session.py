@@ -179,12 +179,7 @@ class SessionMethods:
             raise InvalidParams("agent_id", "must not be empty")
         if p.token is None:
             raise InvalidParams("token", "required with agent_id (the agent's own token)")
-        identities = self.state.agent_identities
-        if identities is None:
-            raise AuthFailed(
-                "agent identity binding is unavailable: this daemon has no agents registry"
-            )
-        identities = IAgentIdentities(identities)
+        identities = IAgentIdentities(self.state.agent_identities)
         if session.agent_id is not None and session.agent_id != agent_id:
             raise AuthFailed(f"connection is already bound to agent '{session.agent_id}'")
         if not identities.verify(agent_id, p.token):

@@ -139,12 +139,11 @@ def test_no_auth(tmp_path, clock):
     assert clock.getDelayedCalls() == []
 
 
-def test_agent_binding_refused_without_registry(state):
-    """Without an agents registry an agent_id binding is refused clearly."""
+def test_unknown_agent_is_a_plain_mismatch(state):
+    """An agent the manifest does not know fails like a wrong token: nothing is revealed."""
     c = Conn(state)
     reply = c.call("session.auth", {"agent_id": "agent-7", "token": "agtok"}, 0)
-    assert reply["error"]["code"] == -32603
-    assert "no agents registry" in reply["error"]["message"]
+    assert reply["error"] == {"code": -32603, "message": "auth failed: token mismatch"}
     assert not c.session.authenticated
 
 

@@ -1,0 +1,480 @@
+"""
+``Supervisor``: starts, watches and restarts the manifest's agent
+processes, and is the daemon's ``IAgentIdentities``.
+
+Children run under Twisted's process machinery (``spawnProcess`` and a
+``ProcessProtocol``); every timer (restart backoff, the stop grace, waits)
+is on the injected reactor clock.  ``twisted.runner.procmon`` was not used:
+it restarts every exit, has no ``never`` / ``on_failure`` policy, no
+``max_restarts``, and sends output to the log rather than to bounded
+per-agent files (see ``docs/decisions.md``).
+"""
+
+from __future__ import annotations
+
+import datetime
+import fcntl
+import os
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import attrs
+from twisted.internet.defer import Deferred, DeferredList, TimeoutError, maybeDeferred, succeed
+from twisted.internet.error import ProcessExitedAlready
+from twisted.internet.interfaces import IReactorThreads
+from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from car_twisted.agents.logs import DEFAULT_MAX_LOG_BYTES, AgentLog, tail_streams
+from car_twisted.agents.manifest import (
+    MAX_AGENTS,
+    AgentSpec,
+    ManifestEntry,
+    load_manifest,
+    save_manifest,
+    validate_command,
+)
+from car_twisted.auth import mint_token, tokens_equal
+from car_twisted.errors import AgentAlreadyAttached, InvalidParams, RpcError
+from car_twisted.interfaces import IAgentIdentities
+
+__all__ = ["Supervisor", "STATUSES", "DEFAULT_STOP_GRACE_SECS"]
+
+STATUSES = ("stopped", "starting", "running", "backoff", "errored")
+DEFAULT_STOP_GRACE_SECS = 10.0
+MAX_BACKOFF_SECS = 300.0
+# A run this long counts as healthy: the next failure backs off from scratch.
+STABLE_RUN_SECS = 30.0
+
+
+def _iso(seconds: float) -> str:
+    return datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+@attrs.define(eq=False)
+class _Agent:
+    entry: ManifestEntry
+    status: str = "stopped"
+    pid: int | None = None
+    last_exit_code: int | None = None
+    restart_count: int = 0
+    quick_failures: int = 0
+    started_at: float | None = None
+    process: Any = None
+    protocol: Any = None
+    restart_timer: Any = None
+    kill_timer: Any = None
+    stopping: bool = False
+    exit_waiters: list[Deferred] = attrs.field(factory=list)
+
+    @property
+    def spec(self) -> AgentSpec:
+        return self.entry.spec
+
+
+class _Child(ProcessProtocol):
+    """One run of one agent: output to its log files, exit to the supervisor."""
+
+    def __init__(self, supervisor: "Supervisor", agent: _Agent) -> None:
+        self.supervisor = supervisor
+        self.agent = agent
+        self.logs = {name: supervisor.log_for(agent.spec.id, name) for name in ("stdout", "stderr")}
+
+    def connectionMade(self) -> None:
+        self.transport.closeStdin()
+
+    def _write(self, name: str, data: bytes) -> None:
+        try:
+            self.logs[name].write(data)
+        except OSError:
+            self.supervisor._log.failure(
+                "cannot write {stream} log of agent {agent_id}", stream=name, agent_id=self.agent.spec.id
+            )
+
+    def outReceived(self, data: bytes) -> None:
+        self._write("stdout", data)
+
+    def errReceived(self, data: bytes) -> None:
+        self._write("stderr", data)
+
+    def processEnded(self, reason: Any) -> None:
+        for log in self.logs.values():
+            log.close()
+        value = reason.value
+        code = getattr(value, "exitCode", None)
+        sig = getattr(value, "signal", None)
+        exit_code = -sig if sig else (code if code is not None else 0)
+        self.supervisor._exited(self.agent, self, exit_code)
+
+
+@implementer(IAgentIdentities)
+class Supervisor:
+    _log = Logger()
+
+    def __init__(
+        self,
+        reactor: Any,
+        home: Path,
+        environ: Mapping[str, str] | None = None,
+        stop_grace: float = DEFAULT_STOP_GRACE_SECS,
+        log_max_bytes: int = DEFAULT_MAX_LOG_BYTES,
+    ) -> None:
+        self.reactor = reactor
+        self.manifest_path = home / "agents.json"
+        self.logs_dir = home / "logs" / "agents"
+        self.environ = os.environ if environ is None else environ
+        self.stop_grace = stop_grace
+        self.log_max_bytes = log_max_bytes
+        self.daemon_url: str | None = None
+        self.observer = False
+        self._agents: dict[str, _Agent] = {}
+        self._attached: dict[str, Any] = {}
+        self._waiters: list[tuple[str, frozenset, Deferred]] = []
+        self._loaded = False
+        self._lock_fd: int | None = None
+        self._dummy_token = mint_token()
+
+    # -- manifest ----------------------------------------------------------------
+
+    def load(self) -> None:
+        """Read ``agents.json`` and take its lock (else: observe-only)."""
+        if self._loaded:
+            return
+        self._loaded = True
+        self.manifest_path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(f"{self.manifest_path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self._lock_fd = fd
+        except OSError:
+            os.close(fd)
+            self.observer = True
+            self._log.warn(
+                "another daemon supervises {manifest}: agents.* is observe-only here",
+                manifest=str(self.manifest_path),
+            )
+        try:
+            entries = load_manifest(self.manifest_path)
+        except (ValueError, KeyError, TypeError, AttributeError):
+            self._log.failure("cannot read {manifest}; starting with no agents", manifest=str(self.manifest_path))
+            if not self.observer:
+                os.replace(self.manifest_path, f"{self.manifest_path}.unreadable")
+            entries = []
+        self._agents = {e.spec.id: _Agent(e) for e in entries}
+
+    def _save(self) -> None:
+        save_manifest(self.manifest_path, [a.entry for a in self._agents.values()])
+
+    def _owner(self) -> None:
+        self.load()
+        if self.observer:
+            raise RpcError(
+                f"observe-only: {self.manifest_path} is supervised by another daemon; "
+                "send agents.* to that daemon or give this one its own CAR_HOME"
+            )
+
+    def _get(self, agent_id: str) -> _Agent:
+        self.load()
+        agent = self._agents.get(agent_id)
+        if agent is None:
+            raise InvalidParams("id", f"no agent {agent_id!r} in the manifest")
+        return agent
+
+    def log_for(self, agent_id: str, stream: str) -> AgentLog:
+        return AgentLog(self.log_path(agent_id, stream), self.log_max_bytes)
+
+    def log_path(self, agent_id: str, stream: str) -> Path:
+        return self.logs_dir / f"{agent_id}.{stream}.log"
+
+    # -- views ---------------------------------------------------------------------
+
+    def managed(self, agent: _Agent) -> dict[str, Any]:
+        session = self._attached.get(agent.spec.id)
+        return {
+            "id": agent.spec.id,
+            "spec": agent.spec.to_wire(),
+            "status": agent.status,
+            "pid": agent.pid,
+            "last_exit_code": agent.last_exit_code,
+            "restart_count": agent.restart_count,
+            "started_at": _iso(agent.started_at) if agent.started_at is not None else None,
+            "attached": session is not None,
+            "session_id": session.client_id if session is not None else None,
+        }
+
+    def list(self) -> list[dict[str, Any]]:
+        self.load()
+        return [self.managed(a) for a in sorted(self._agents.values(), key=lambda a: a.spec.id)]
+
+    def health(self) -> list[dict[str, Any]]:
+        self.load()
+        out = []
+        for agent in sorted(self._agents.values(), key=lambda a: a.spec.id):
+            problem = validate_command(agent.spec.command)
+            entry = {"id": agent.spec.id, "command": agent.spec.command, "ok": problem is None}
+            if problem is not None:
+                entry["reason"] = problem
+            out.append(entry)
+        return out
+
+    # -- manifest changes --------------------------------------------------------------
+
+    def upsert(self, spec: AgentSpec) -> dict[str, Any]:
+        self._owner()
+        current = self._agents.get(spec.id)
+        if current is None:
+            if len(self._agents) >= MAX_AGENTS:
+                raise RpcError(f"too many agents: at most {MAX_AGENTS}")
+            current = self._agents[spec.id] = _Agent(ManifestEntry(spec, mint_token()))
+        else:
+            current.entry = ManifestEntry(spec, current.entry.token)
+        self._save()
+        self._log.info("agent {agent_id} upserted ({command})", agent_id=spec.id, command=spec.command)
+        return self.managed(current)
+
+    def remove(self, agent_id: str) -> Deferred:
+        self._owner()
+        agent = self._agents.get(agent_id)
+        if agent is None:
+            return succeed({"removed": False})
+        d = self._stop(agent, "term")
+
+        def forget(_: Any) -> dict[str, Any]:
+            if self._agents.get(agent_id) is agent:
+                del self._agents[agent_id]
+                self._save()
+                self._notify(agent_id)
+            return {"removed": True}
+
+        return d.addCallback(forget)
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def start(self, agent_id: str) -> dict[str, Any]:
+        self._owner()
+        agent = self._get(agent_id)
+        if agent.status in ("running", "starting"):
+            return self.managed(agent)
+        self._cancel_restart(agent)
+        agent.restart_count = 0
+        agent.quick_failures = 0
+        self._spawn(agent)
+        return self.managed(agent)
+
+    def stop(self, agent_id: str, signal: str = "term") -> Deferred:
+        self._owner()
+        agent = self._get(agent_id)
+        return self._stop(agent, signal).addCallback(lambda _: self.managed(agent))
+
+    def restart(self, agent_id: str) -> Deferred:
+        self._owner()
+        agent = self._get(agent_id)
+        return self._stop(agent, "term").addCallback(lambda _: self.start(agent_id))
+
+    def boot(self) -> None:
+        """Start every ``auto_start`` agent (daemon start-up)."""
+        self.load()
+        if self.observer:
+            return
+        for agent in list(self._agents.values()):
+            if agent.spec.auto_start and agent.status not in ("running", "starting"):
+                try:
+                    self.start(agent.spec.id)
+                except Exception:
+                    self._log.failure("auto-start of agent {agent_id} failed", agent_id=agent.spec.id)
+
+    def shutdown(self) -> Deferred:
+        """Stop every child (SIGTERM, then SIGKILL after the grace)."""
+        stops = [self._stop(a, "term") for a in self._agents.values()]
+        d = DeferredList(stops, consumeErrors=True)
+
+        def release(_: Any) -> None:
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+                self._lock_fd = None
+
+        return d.addCallback(release)
+
+    def _child_env(self, agent: _Agent) -> dict[str, str]:
+        # The daemon's own CAR_* settings (its token above all) stay out.
+        env = {k: v for k, v in self.environ.items() if not k.startswith("CAR_")}
+        env.update(agent.spec.env)
+        env["CAR_AGENT_ID"] = agent.spec.id
+        env["CAR_AGENT_TOKEN"] = agent.entry.token
+        if self.daemon_url is not None:
+            env["CAR_DAEMON_URL"] = self.daemon_url
+        return env
+
+    def _spawn(self, agent: _Agent) -> None:
+        spec = agent.spec
+        problem = validate_command(spec.command)
+        if problem is not None:
+            self._log.error("agent {agent_id} cannot start: {problem}", agent_id=spec.id, problem=problem)
+            self._set(agent, "errored")
+            return
+        self._set(agent, "starting")
+        child = _Child(self, agent)
+        try:
+            process = self.reactor.spawnProcess(
+                child, spec.command, [spec.command, *spec.args], env=self._child_env(agent), path=spec.cwd
+            )
+        except OSError as e:
+            self._log.error("agent {agent_id} failed to spawn: {error}", agent_id=spec.id, error=str(e))
+            agent.last_exit_code = None
+            self._after_failure(agent, ran=0.0)
+            return
+        agent.process, agent.protocol = process, child
+        agent.pid = process.pid
+        agent.started_at = self.reactor.seconds()
+        self._set(agent, "running")
+        self._log.info("agent {agent_id} started (pid {pid})", agent_id=spec.id, pid=agent.pid)
+
+    def _stop(self, agent: _Agent, signal: str) -> Deferred:
+        self._cancel_restart(agent)
+        if agent.process is None:
+            if agent.status == "backoff":
+                self._set(agent, "stopped")
+            return succeed(None)
+        agent.stopping = True
+        d: Deferred = Deferred()
+        agent.exit_waiters.append(d)
+        self._signal(agent, "KILL" if signal == "kill" else "TERM")
+        if signal != "kill" and agent.kill_timer is None:
+            agent.kill_timer = self.reactor.callLater(self.stop_grace, self._escalate, agent)
+        return d
+
+    def _escalate(self, agent: _Agent) -> None:
+        agent.kill_timer = None
+        if agent.process is not None:
+            self._log.warn(
+                "agent {agent_id} ignored SIGTERM for {secs}s; sending SIGKILL",
+                agent_id=agent.spec.id,
+                secs=self.stop_grace,
+            )
+            self._signal(agent, "KILL")
+
+    def _signal(self, agent: _Agent, name: str) -> None:
+        try:
+            agent.process.signalProcess(name)
+        except ProcessExitedAlready:
+            pass
+
+    def _cancel_restart(self, agent: _Agent) -> None:
+        if agent.restart_timer is not None and agent.restart_timer.active():
+            agent.restart_timer.cancel()
+        agent.restart_timer = None
+
+    def _exited(self, agent: _Agent, child: _Child, exit_code: int) -> None:
+        if agent.protocol is not child:
+            return
+        ran = self.reactor.seconds() - (agent.started_at or self.reactor.seconds())
+        agent.process = agent.protocol = None
+        agent.pid = None
+        agent.last_exit_code = exit_code
+        if agent.kill_timer is not None and agent.kill_timer.active():
+            agent.kill_timer.cancel()
+        agent.kill_timer = None
+        self._log.info("agent {agent_id} exited with {code}", agent_id=agent.spec.id, code=exit_code)
+        if agent.stopping:
+            agent.stopping = False
+            self._set(agent, "stopped")
+            waiters, agent.exit_waiters = agent.exit_waiters, []
+            for d in waiters:
+                d.callback(None)
+            return
+        policy = agent.spec.restart
+        if policy == "always" or (policy == "on_failure" and exit_code != 0):
+            self._after_failure(agent, ran)
+        else:
+            self._set(agent, "stopped" if exit_code == 0 else "errored")
+
+    def _after_failure(self, agent: _Agent, ran: float) -> None:
+        spec = agent.spec
+        if spec.max_restarts is not None and agent.restart_count >= spec.max_restarts:
+            self._log.error(
+                "agent {agent_id} gave up after {count} restarts", agent_id=spec.id, count=agent.restart_count
+            )
+            self._set(agent, "errored")
+            return
+        agent.restart_count += 1
+        agent.quick_failures = agent.quick_failures + 1 if ran < STABLE_RUN_SECS else 1
+        delay = min(spec.backoff_secs * 2 ** (agent.quick_failures - 1), max(spec.backoff_secs, MAX_BACKOFF_SECS))
+        self._set(agent, "backoff")
+        agent.restart_timer = self.reactor.callLater(delay, self._restart_due, agent)
+
+    def _restart_due(self, agent: _Agent) -> None:
+        agent.restart_timer = None
+        if self._agents.get(agent.spec.id) is agent and agent.status == "backoff":
+            self._spawn(agent)
+
+    # -- waiting -----------------------------------------------------------------------
+
+    def _set(self, agent: _Agent, status: str) -> None:
+        agent.status = status
+        self._notify(agent.spec.id)
+
+    def _notify(self, agent_id: str) -> None:
+        agent = self._agents.get(agent_id)
+        for entry in list(self._waiters):
+            wid, targets, d = entry
+            if wid != agent_id or d.called:
+                continue
+            if agent is None:
+                self._waiters.remove(entry)
+                d.errback(InvalidParams("id", f"agent {agent_id!r} was removed"))
+            elif agent.status in targets:
+                self._waiters.remove(entry)
+                d.callback(self.managed(agent))
+
+    def wait(self, agent_id: str, targets: Iterable[str], timeout: float) -> Deferred:
+        """Fire with the agent once its status is in C{targets} (event-driven)."""
+        agent = self._get(agent_id)
+        wanted = frozenset(targets)
+        if agent.status in wanted:
+            return succeed(self.managed(agent))
+        d: Deferred = Deferred()
+        entry = (agent_id, wanted, d)
+        self._waiters.append(entry)
+
+        def expired(failure: Any) -> Any:
+            if entry in self._waiters:
+                self._waiters.remove(entry)
+            if failure.check(TimeoutError):
+                raise RpcError(
+                    f"WaitTimeout: agent {agent_id!r} did not reach {sorted(wanted)} within {timeout:g}s",
+                    data={"status": self._agents[agent_id].status if agent_id in self._agents else None},
+                )
+            return failure
+
+        return d.addTimeout(timeout, self.reactor).addErrback(expired)
+
+    def tail_log(self, agent_id: str, streams: tuple[str, ...], n: int, offset: int) -> Deferred:
+        self._get(agent_id)
+        paths = {name: self.log_path(agent_id, name) for name in ("stdout", "stderr")}
+        if IReactorThreads.providedBy(self.reactor):
+            return deferToThreadPool(
+                self.reactor, self.reactor.getThreadPool(), tail_streams, paths, streams, n, offset
+            )
+        return maybeDeferred(tail_streams, paths, streams, n, offset)
+
+    # -- IAgentIdentities ------------------------------------------------------------------
+
+    def verify(self, agent_id: str, token: str) -> bool:
+        self.load()
+        agent = self._agents.get(agent_id)
+        # Compare against a dummy for unknown ids so timing does not tell.
+        expected = agent.entry.token if agent is not None else self._dummy_token
+        return tokens_equal(token, expected) and agent is not None
+
+    def attach(self, agent_id: str, session: Any) -> None:
+        current = self._attached.get(agent_id)
+        if current is not None and current is not session and not current.closed:
+            raise AgentAlreadyAttached(agent_id)
+        self._attached[agent_id] = session
+        self._log.info("agent {agent_id} attached as {client_id}", agent_id=agent_id, client_id=session.client_id)
+
+    def detach(self, agent_id: str, session: Any) -> None:
+        if self._attached.get(agent_id) is session:
+            del self._attached[agent_id]
