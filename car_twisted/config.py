@@ -14,7 +14,7 @@ import attrs
 from zope.interface import Interface
 from zope.interface.verify import verifyObject
 
-from car_twisted.interfaces import IAgentIdentities, IMethodProvider
+from car_twisted.interfaces import IAgentIdentities, IMethodProvider, IRunStore
 from car_twisted.paths import CarPaths, ConfigError
 from car_twisted.rpc.registry import MethodSpec
 
@@ -104,6 +104,11 @@ class ServerStateConfig:
         action has no ``timeout_ms`` (``CAR_TOOL_TIMEOUT`` seconds).
     @ivar agent_stop_grace: seconds between SIGTERM and SIGKILL when an
         agent is stopped.
+    @ivar run_complete_grace: seconds after a disconnect before runs the
+        connection opened and never completed are marked ``incomplete``.
+    @ivar run_store_fsync: sync every run-store batch to disk before the
+        ack (survives power loss, not only a daemon crash).
+    @ivar run_store: an ``IRunStore`` to use instead of the JSONL store.
     @ivar methods / method_providers: extra JSON-RPC methods.
     @ivar adapters: extra component adapters for the state's registry.
     @ivar agent_identities: provides ``IAgentIdentities`` (agent binding).
@@ -126,6 +131,9 @@ class ServerStateConfig:
     idle_timeout: float = 300.0
     tool_timeout_ms: int = DEFAULT_TOOL_TIMEOUT_MS
     agent_stop_grace: float = 10.0
+    run_complete_grace: float = 2.0
+    run_store_fsync: bool = False
+    run_store: Any = attrs.field(default=None, validator=_provides(IRunStore))
     allowed_origins: tuple[str, ...] = attrs.field(default=(), converter=tuple)
     methods: tuple[MethodSpec, ...] = attrs.field(default=(), converter=tuple)
     method_providers: tuple[Any, ...] = attrs.field(

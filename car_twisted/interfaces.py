@@ -12,6 +12,7 @@ __all__ = [
     "IAgentIdentities",
     "IClientSession",
     "IMethodProvider",
+    "IRunStore",
     "IToolExecutor",
     "IWsSink",
 ]
@@ -125,3 +126,29 @@ class IToolExecutor(Interface):
             L{car_twisted.proposal.ir.ToolError}.  Cancelling it abandons the
             call (the executor tells the tool, if it can).
         """
+
+
+class IRunStore(Interface):
+    """
+    Durable storage of run records.  Every method returns a Deferred;
+    appends to one run complete in the order they were made, and an append
+    fires only once its records are written (acknowledged means stored).
+    """
+
+    def append(agent_id, run_id, records):
+        """Append C{records} (dicts) to the run's log."""
+
+    def write_summary(summary):
+        """Replace the run's summary (status, counts, times)."""
+
+    def read(agent_id, run_id):
+        """
+        The run's records in order (a torn last line is ignored), or None
+        if there is no such run.
+        """
+
+    def find(run_id):
+        """The owning agent id of C{run_id}, or None."""
+
+    def summaries(agent_id):
+        """Every stored run summary of C{agent_id}."""

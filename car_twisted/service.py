@@ -178,33 +178,38 @@ class ListenerService(Service):
         return None
 
 
-class SupervisorService(Service):
-    """Auto-starts the manifest's agents; stops every child at shutdown."""
+class EnginesService(Service):
+    """
+    Starts and stops what runs beside the listeners: auto-starts the
+    manifest's agents, and at shutdown stops every child and cancels the
+    run grace timers (open runs then read as incomplete).
+    """
 
-    def __init__(self, supervisor: Any) -> None:
-        self.supervisor = supervisor
-        self.setName("agents")
+    def __init__(self, state: Any) -> None:
+        self.state = state
+        self.setName("engines")
 
     def startService(self) -> None:
         super().startService()
-        self.supervisor.load()
-        self.supervisor.boot()
+        self.state.agents.load()
+        self.state.agents.boot()
 
     def stopService(self) -> Any:
         super().stopService()
-        return self.supervisor.shutdown()
+        self.state.runs.shutdown()
+        return self.state.agents.shutdown()
 
 
 def make_car_service(state: Any, reactor: Any, listen: Sequence[str]) -> MultiService:
     """
     The CAR server on every endpoint string in C{listen}, plus the agent
-    supervisor, as one ``MultiService`` to parent under an application's own.
+    engines (agent supervisor, run registry), as one ``MultiService`` to parent under an application's own.
     """
     factory = CarServerFactory(state, reactor=reactor)
     top = MultiService()
     for description in listen:
         ListenerService(reactor, description, factory).setServiceParent(top)
-    SupervisorService(state.agents).setServiceParent(top)
+    EnginesService(state).setServiceParent(top)
     return top
 
 
@@ -266,9 +271,9 @@ class CarDaemonService(MultiService):
                     secure_endpoint_description(description)
                 ).startService()
             self._publish_tokens()
-            agents = SupervisorService(self.state.agents)
-            agents.setServiceParent(self)
-            agents.startService()
+            engines = EnginesService(self.state)
+            engines.setServiceParent(self)
+            engines.startService()
             freeze_startup_heap()
         except Exception:
             for child in list(self):

@@ -56,6 +56,12 @@ class ClientSession:
     active: bool = True
     last_active: float = 0.0
     pins: int = 0
+    # Output back-pressure: True while the transport's buffer is full;
+    # ``resume_hooks`` run when it drains (run-trace subscribers flush).
+    write_paused: bool = False
+    resume_hooks: list[Callable[[], Any]] = attrs.field(factory=list, repr=False)
+    current_run: str | None = None
+    _runs_hooked: bool = attrs.field(default=False, repr=False)
     auth_timer: IDelayedCall | None = attrs.field(default=None, repr=False)
     closed: bool = False
     _cleanups: list[Callable[[], Any]] = attrs.field(factory=list, repr=False)

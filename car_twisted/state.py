@@ -20,6 +20,8 @@ from car_twisted._version import SUPPORTED_PROTOCOL_VERSIONS
 from car_twisted._version import __version__
 from car_twisted.adapters import default_registry
 from car_twisted.agents.supervisor import Supervisor
+from car_twisted.runs.registry import RunRegistry
+from car_twisted.runs.store import JsonlRunStore
 from car_twisted.auth import mint_token
 from car_twisted.config import ServerStateConfig
 from car_twisted.interfaces import IWsSink
@@ -38,6 +40,7 @@ def _builtin_providers(state: "ServerState") -> Iterable[Any]:
     from car_twisted.methods.agents import AgentMethods
     from car_twisted.methods.policy import PolicyMethods
     from car_twisted.methods.proposal import ProposalMethods
+    from car_twisted.methods.runs import RunMethods
     from car_twisted.methods.server import ServerMethods
     from car_twisted.methods.session import SessionMethods
     from car_twisted.methods.state import StateMethods
@@ -51,6 +54,7 @@ def _builtin_providers(state: "ServerState") -> Iterable[Any]:
         StateMethods(state),
         ProposalMethods(state),
         AgentMethods(state),
+        RunMethods(state),
     )
 
 
@@ -79,6 +83,10 @@ class ServerState:
         # The supervisor knows every agent's token; an embedder may bring
         # its own identities instead.
         self.agent_identities = config.agent_identities or self.agents
+        store = config.run_store or JsonlRunStore(
+            clock, config.paths.home / "runs", fsync=config.run_store_fsync
+        )
+        self.runs = RunRegistry(clock, store, config.run_complete_grace)
         self.sessions: dict[str, ClientSession] = {}
         self._ids = itertools.count(1)
         self.methods = MethodRegistry()

@@ -81,6 +81,9 @@ class _ReadThrottle:
         self._timer: Any = None
 
     def pauseProducing(self) -> None:
+        session = self.protocol.session
+        if session is not None:
+            session.write_paused = True
         self.protocol.transport.pauseProducing()
         if self._timer is None:
             self._timer = self.clock.callLater(self.stall_secs, self._stalled)
@@ -88,6 +91,14 @@ class _ReadThrottle:
     def resumeProducing(self) -> None:
         self._cancel()
         self.protocol.transport.resumeProducing()
+        session = self.protocol.session
+        if session is not None:
+            session.write_paused = False
+            for hook in list(session.resume_hooks):
+                try:
+                    hook()
+                except Exception:
+                    self.protocol._log.failure("resume hook failed")
 
     def stopProducing(self) -> None:
         self._cancel()

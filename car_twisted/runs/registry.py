@@ -1,0 +1,406 @@
+"""
+The run registry on ``ServerState``: ``runs.*`` state, the ceiling, the
+disconnect grace window and the live trace fan-out.
+
+Every check-then-act here is synchronous on the reactor thread: the
+ceiling check reserves its turn indices before the store's (threaded)
+write starts, so pipelined batches from any number of connections can
+never take a run past ``RECORD_TURNS_RUN_CEILING``, and a terminal status
+is set before the terminal record is written.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime
+import re
+import uuid
+from typing import Any
+
+import orjson
+from twisted.internet.defer import ensureDeferred
+from twisted.logger import Logger
+
+from car_twisted.errors import InvalidParams, RpcError
+from car_twisted.rpc.envelope import encode_notification
+from car_twisted.runs.model import (
+    MAX_TURNS_PER_BATCH,
+    RECORD_TURNS_RUN_CEILING,
+    Appended,
+    RecordRunTurnsOutcome,
+    RunCeiling,
+    RunMeta,
+    RunNotFound,
+    RunTerminal,
+    TurnTooLarge,
+    bound_turn,
+    valid_key,
+)
+
+__all__ = ["RunRegistry", "MAX_PAGE_BYTES", "SUBSCRIBER_QUEUE"]
+
+MAX_PAGE_BYTES = 8 * 1024 * 1024
+SUBSCRIBER_QUEUE = 128
+MAX_SUBSCRIPTIONS_PER_SESSION = 256
+MAX_REMEMBERED_RUNS = 4096
+_BAD_TURNS = "runs.record_turns requires { run_id, turns: [RunTurn] }"
+
+
+def _now(clock: Any) -> str:
+    return datetime.datetime.fromtimestamp(clock.seconds(), datetime.timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:64]
+
+
+class _Subscriber:
+    """One (connection, run) subscription with its bounded backlog."""
+
+    def __init__(self, session: Any, run_id: str) -> None:
+        self.session = session
+        self.run_id = run_id
+        self.backlog: collections.deque[bytes] = collections.deque()
+        self.dropped = 0
+
+    def push(self, frame: bytes) -> None:
+        # Never wait for a slow reader: queue while its output is backed
+        # up, drop (the client sees a cursor gap) once the queue is full.
+        if self.session.write_paused or self.backlog:
+            if len(self.backlog) >= SUBSCRIBER_QUEUE:
+                self.dropped += 1
+                return
+            self.backlog.append(frame)
+            return
+        self.session.channel.send(frame)
+
+    def drain(self) -> None:
+        while self.backlog and not self.session.write_paused:
+            self.session.channel.send(self.backlog.popleft())
+
+
+class RunRegistry:
+    _log = Logger()
+
+    def __init__(self, clock: Any, store: Any, grace: float) -> None:
+        self.clock = clock
+        self.store = store
+        self.grace = grace
+        self.runs: dict[str, RunMeta] = {}
+        self._subscribers: dict[str, dict[str, _Subscriber]] = {}
+
+    # -- helpers ---------------------------------------------------------------------
+
+    @staticmethod
+    def entitled(session: Any, agent_id: str) -> bool:
+        """Reads: the owning agent's own connection or the host role."""
+        return session.is_host or session.agent_id == agent_id
+
+    def _hook(self, session: Any) -> None:
+        if not getattr(session, "_runs_hooked", False):
+            session._runs_hooked = True
+            session.on_close(lambda: self.session_closed(session))
+            session.resume_hooks.append(lambda: self._drain(session))
+
+    def _drain(self, session: Any) -> None:
+        for subs in self._subscribers.values():
+            sub = subs.get(session.client_id)
+            if sub is not None:
+                sub.drain()
+
+    def _remember(self, meta: RunMeta) -> None:
+        self.runs[meta.run_id] = meta
+        if len(self.runs) > MAX_REMEMBERED_RUNS:
+            for run_id, old in list(self.runs.items()):
+                if old.terminal:
+                    del self.runs[run_id]
+                    if len(self.runs) <= MAX_REMEMBERED_RUNS:
+                        break
+
+    def _fan_out(self, meta: RunMeta, record: dict[str, Any], cursor: int) -> None:
+        subs = self._subscribers.get(meta.run_id)
+        if not subs:
+            return
+        frame = encode_notification(
+            "runs.trace.event",
+            {"run_id": meta.run_id, "agent_id": meta.agent_id, "record": record, "cursor": cursor, "status": meta.status},
+        )
+        for sub in list(subs.values()):
+            sub.push(frame)
+
+    def _persist(self, meta: RunMeta, records: list[dict[str, Any]]) -> Any:
+        d = self.store.append(meta.agent_id, meta.run_id, records)
+        d.addCallback(lambda _: self.store.write_summary(meta.summary()) if records[-1]["record"] != "turn" else None)
+        return d
+
+    # -- runs.start ------------------------------------------------------------------------
+
+    async def start(self, session: Any, p: Any) -> dict[str, Any]:
+        agent_id = self._resolve_agent(session, p)
+        key = p.idempotency_key
+        if key is not None:
+            if not valid_key(key):
+                raise InvalidParams("idempotency_key", "letters, digits, '.', '_', ':' and '-' only, at most 128")
+            existing = await self._existing(key, agent_id)
+            if existing is not None:
+                session.current_run = key
+                return {"run_id": key, "agent_id": agent_id}
+        run_id = key or self._mint()
+        meta = RunMeta(
+            run_id=run_id,
+            agent_id=agent_id,
+            intent=p.intent,
+            started_at=_now(self.clock),
+            agent_name=p.agent_name,
+            outcome_description=p.outcome_description,
+            owner=session,
+        )
+        self._remember(meta)
+        self._hook(session)
+        # Set before the ack: a proposal sent right after it is this run's.
+        session.current_run = run_id
+        await self._persist(meta, [meta.started_record()])
+        self._fan_out(meta, meta.started_record(), 0)
+        self._log.info("run {run_id} started for agent {agent_id}", run_id=run_id, agent_id=agent_id)
+        return {"run_id": run_id, "agent_id": agent_id}
+
+    def _mint(self) -> str:
+        return str(uuid.uuid4())
+
+    def _resolve_agent(self, session: Any, p: Any) -> str:
+        bound = session.agent_id
+        if p.agent_id is not None:
+            if not valid_key(p.agent_id):
+                raise InvalidParams("agent_id", "not a valid agent id")
+            if bound is not None and p.agent_id != bound:
+                raise InvalidParams("agent_id", "does not match this connection's agent binding")
+        if bound is not None:
+            return bound
+        if p.agent_id is not None:
+            return p.agent_id
+        if p.agent_name:
+            slug = _slug(p.agent_name)
+            if slug:
+                return f"name:{slug}"
+        raise InvalidParams(
+            "agent_id",
+            "cannot resolve the run's agent: bind the connection (session.auth {agent_id}) or give agent_id or agent_name",
+        )
+
+    async def _existing(self, key: str, agent_id: str) -> RunMeta | dict | None:
+        meta = self.runs.get(key)
+        if meta is None:
+            owner = await self.store.find(key)
+            meta = self.runs.get(key)  # re-check: a start may have landed meanwhile
+            if meta is None:
+                if owner is None:
+                    return None
+                if owner != agent_id:
+                    raise InvalidParams("idempotency_key", "names another agent's run")
+                return {"run_id": key, "agent_id": owner}
+        if meta.agent_id != agent_id:
+            raise InvalidParams("idempotency_key", "names another agent's run")
+        return meta
+
+    # -- runs.record_turns ----------------------------------------------------------------------
+
+    def reserve(self, session: Any, run_id: Any, turns: Any) -> tuple[RecordRunTurnsOutcome, Any]:
+        """
+        Validate, bound and reserve a batch in one synchronous step.
+        @return: the outcome and, when appended, the records to write.
+        """
+        if type(run_id) is not str or not run_id or type(turns) is not list or not turns:
+            raise RpcError(_BAD_TURNS, code=-32602, data={"field": "turns" if type(run_id) is str and run_id else "run_id"})
+        if len(turns) > MAX_TURNS_PER_BATCH:
+            raise RpcError(f"{_BAD_TURNS}: at most {MAX_TURNS_PER_BATCH} turns per batch", code=-32602, data={"field": "turns"})
+        if any(type(t) is not dict for t in turns):
+            raise RpcError(f"{_BAD_TURNS}: every turn must be an object", code=-32602, data={"field": "turns"})
+        meta = self.runs.get(run_id)
+        if meta is None or session.agent_id is None or session.agent_id != meta.agent_id:
+            return RunNotFound(), None
+        if meta.terminal:
+            return RunTerminal(), None
+        bounded = [bound_turn(t) for t in turns]
+        if any(b is None for b in bounded):
+            return TurnTooLarge(), None
+        if meta.turn_count + len(bounded) > RECORD_TURNS_RUN_CEILING:
+            return RunCeiling(), None
+        base = meta.turn_count
+        meta.turn_count += len(bounded)
+        records = [{"record": "turn", "index": base + i, **b} for i, b in enumerate(bounded)]
+        return Appended(base, len(records)), (meta, records)
+
+    async def record(self, session: Any, run_id: Any, turns: Any) -> dict[str, Any]:
+        outcome, work = self.reserve(session, run_id, turns)
+        if not isinstance(outcome, Appended):
+            return {"run_id": run_id, "base_index": 0, "count": 0, "ok": False, "dropped": outcome.dropped}
+        meta, records = work
+        try:
+            await self.store.append(meta.agent_id, meta.run_id, records)
+        except Exception:
+            self._log.failure("run store append failed for {run_id}", run_id=meta.run_id)
+            raise RpcError(f"run {meta.run_id}: the turns could not be stored") from None
+        for record in records:
+            self._fan_out(meta, record, record["index"] + 1)
+        return {"run_id": meta.run_id, "base_index": outcome.base_index, "count": outcome.count, "ok": True}
+
+    # -- runs.complete and the grace window ---------------------------------------------------------
+
+    async def complete(self, session: Any, run_id: str, outcome: Any) -> dict[str, Any]:
+        meta = self.runs.get(run_id)
+        if meta is None or not (meta.owner is session or (session.agent_id is not None and session.agent_id == meta.agent_id)):
+            if meta is None and await self.store.find(run_id) is not None and self.runs.get(run_id) is None:
+                raise RpcError(f"run {run_id} is already terminal")
+            raise RpcError(f"unknown run_id {run_id}")
+        if meta.terminal:
+            raise RpcError(f"run {run_id} is already terminal ({meta.status})")
+        self._cancel_grace(meta)
+        await self._end(meta, "completed", {"outcome": outcome})
+        return {"run_id": run_id, "ok": True}
+
+    async def _end(self, meta: RunMeta, status: str, extra: dict[str, Any]) -> None:
+        meta.status = status
+        meta.ended_at = _now(self.clock)
+        record = {"record": "ended", "status": status, "ended_at": meta.ended_at, **extra}
+        await self._persist(meta, [record])
+        self._fan_out(meta, record, meta.turn_count)
+        self._log.info("run {run_id} ended: {status}", run_id=meta.run_id, status=status)
+
+    def _cancel_grace(self, meta: RunMeta) -> None:
+        if meta.grace_timer is not None and meta.grace_timer.active():
+            meta.grace_timer.cancel()
+        meta.grace_timer = None
+
+    def session_closed(self, session: Any) -> None:
+        for run_id in list(self._subscribers):
+            subs = self._subscribers[run_id]
+            subs.pop(session.client_id, None)
+            if not subs:
+                del self._subscribers[run_id]
+        for meta in list(self.runs.values()):
+            if meta.owner is session:
+                meta.owner = None
+                if not meta.terminal and meta.grace_timer is None:
+                    meta.grace_timer = self.clock.callLater(self.grace, self._grace_expired, meta)
+
+    def _grace_expired(self, meta: RunMeta) -> None:
+        meta.grace_timer = None
+        if meta.terminal:
+            return
+        d = self._end_now(meta)
+        d.addErrback(lambda f: self._log.failure("marking run {run_id} incomplete failed", failure=f, run_id=meta.run_id))
+
+    def _end_now(self, meta: RunMeta) -> Any:
+        return ensureDeferred(self._end(meta, "incomplete", {"reason": "connection closed without runs.complete"}))
+
+    def shutdown(self) -> None:
+        for meta in self.runs.values():
+            self._cancel_grace(meta)
+
+    # -- reads -------------------------------------------------------------------------------------------
+
+    def _forbidden(self, what: str) -> RpcError:
+        return RpcError(f"{what}: not visible to this connection (the owning agent's connection or the host role only)")
+
+    async def _locate(self, run_id: str) -> str | None:
+        meta = self.runs.get(run_id)
+        if meta is not None:
+            return meta.agent_id
+        return await self.store.find(run_id)
+
+    async def subscribe(self, session: Any, run_id: str) -> dict[str, Any]:
+        agent_id = await self._locate(run_id)
+        if agent_id is None or not self.entitled(session, agent_id):
+            raise self._forbidden(f"runs.subscribe {run_id}")
+        subs = sum(1 for s in self._subscribers.values() if session.client_id in s)
+        if subs >= MAX_SUBSCRIPTIONS_PER_SESSION:
+            raise RpcError(f"too many run subscriptions on this connection (at most {MAX_SUBSCRIPTIONS_PER_SESSION})")
+        self._hook(session)
+        records = await self.store.read(agent_id, run_id) or []
+        # No await between the read above and the registration below, and
+        # the store ran the read after every earlier append: the snapshot
+        # and the stream meet exactly.
+        meta = self.runs.get(run_id)
+        status = meta.status if meta is not None else self._disk_status(records)
+        if meta is not None and not meta.terminal and not session.closed:
+            subs = self._subscribers.setdefault(run_id, {})
+            if session.client_id not in subs:
+                session.pin()  # a live subscription keeps an idle connection open
+            # A re-subscribe (after a gap) starts a fresh backlog.
+            subs[session.client_id] = _Subscriber(session, run_id)
+        turns = [r for r in records if r.get("record") == "turn"]
+        cursor = len(turns)
+        shown, truncated = _fit(turns)
+        out = {"run_id": run_id, "agent_id": agent_id, "turns_so_far": shown, "cursor": cursor, "status": status}
+        if truncated:
+            out["truncated"] = True
+            out["first_index"] = cursor - len(shown)
+        return out
+
+    def unsubscribe(self, session: Any, run_id: str) -> dict[str, Any]:
+        subs = self._subscribers.get(run_id, {})
+        removed = subs.pop(session.client_id, None) is not None
+        if removed:
+            session.unpin()
+            if not subs:
+                del self._subscribers[run_id]
+        return {"run_id": run_id, "removed": removed}
+
+    @staticmethod
+    def _disk_status(records: list[dict[str, Any]]) -> str:
+        if records and records[-1].get("record") == "ended":
+            return str(records[-1].get("status", "completed"))
+        return "incomplete"
+
+    async def list(self, session: Any, agent_id: str) -> dict[str, Any]:
+        if not valid_key(agent_id) or not self.entitled(session, agent_id):
+            raise self._forbidden(f"runs.list {agent_id}")
+        by_id = {s["run_id"]: s for s in await self.store.summaries(agent_id) if type(s) is dict and "run_id" in s}
+        for run_id, summary in list(by_id.items()):
+            if run_id in self.runs:
+                continue
+            if summary.get("status") == "in_progress":
+                # From an earlier daemon life that never ended the run.
+                records = await self.store.read(agent_id, run_id) or []
+                summary = {**summary, "status": "incomplete", "turn_count": sum(1 for r in records if r.get("record") == "turn")}
+                by_id[run_id] = summary
+        for meta in self.runs.values():
+            if meta.agent_id == agent_id:
+                by_id[meta.run_id] = meta.summary()
+        runs = sorted(by_id.values(), key=lambda s: s.get("started_at", ""), reverse=True)
+        return {"agent_id": agent_id, "runs": runs}
+
+    async def get_trace(self, session: Any, run_id: str, cursor: int) -> dict[str, Any]:
+        agent_id = await self._locate(run_id) if valid_key(run_id) else None
+        if agent_id is None:
+            return {"run_id": run_id, "not_found": True}
+        if not self.entitled(session, agent_id):
+            raise self._forbidden(f"runs.get_trace {run_id}")
+        records = await self.store.read(agent_id, run_id)
+        if records is None:
+            return {"run_id": run_id, "not_found": True}
+        meta = self.runs.get(run_id)
+        active = meta is not None and not meta.terminal
+        if not active and (not records or records[-1].get("record") != "ended"):
+            records.append({"record": "ended", "status": "incomplete", "reason": "no terminal record: the daemon stopped during the run"})
+        page, truncated = _fit(records[cursor:], from_start=True)
+        out = {"run_id": run_id, "agent_id": agent_id, "records": page, "cursor": cursor}
+        if truncated:
+            out["next_cursor"] = cursor + len(page)
+        return out
+
+
+def _fit(records: list[dict[str, Any]], from_start: bool = False) -> tuple[list[dict[str, Any]], bool]:
+    """The records that fit in one reply (from the start, or the newest)."""
+    total = 0
+    order = records if from_start else list(reversed(records))
+    kept = []
+    for record in order:
+        size = len(orjson.dumps(record))
+        if kept and total + size > MAX_PAGE_BYTES:
+            break
+        total += size
+        kept.append(record)
+    if not from_start:
+        kept.reverse()
+    return kept, len(kept) < len(records)

@@ -1,0 +1,169 @@
+"""
+The JSONL run store: ``$CAR_HOME/runs/{agent_id}/{run_id}.jsonl`` plus a
+small ``{run_id}.summary.json`` beside it.
+
+Appends to one run are serialised (each waits for the previous one) and
+run in the reactor's thread pool, so a large batch never blocks the
+reactor; an append's Deferred fires once its lines are written to the
+file (``os.write``: a daemon crash after the ack loses nothing).  With
+``fsync=True`` every batch is also synced to disk.  Readers ignore a torn
+last line, the trace of a crash mid-write.  Summaries are replaced
+atomically (temp + rename).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import orjson
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.interfaces import IReactorThreads
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from car_twisted.interfaces import IRunStore
+from car_twisted.runs.model import valid_key
+
+__all__ = ["JsonlRunStore", "read_records"]
+
+
+def read_records(path: Path) -> list[dict[str, Any]] | None:
+    """Every whole record of a run file; a torn or corrupt tail is skipped."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    records = []
+    for line in data.split(b"\n"):
+        if not line:
+            continue
+        try:
+            record = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            continue  # a torn last line (crash mid-write)
+        if type(record) is dict:
+            records.append(record)
+    return records
+
+
+@implementer(IRunStore)
+class JsonlRunStore:
+    _log = Logger()
+
+    def __init__(self, reactor: Any, root: Path, fsync: bool = False) -> None:
+        self.reactor = reactor
+        self.root = root
+        self.fsync = fsync
+        self._queues: dict[str, list[Any]] = {}
+
+    # -- paths ---------------------------------------------------------------------
+
+    def _dir(self, agent_id: str) -> Path:
+        if not valid_key(agent_id):
+            raise ValueError(f"unsafe agent id {agent_id!r}")
+        return self.root / agent_id
+
+    def _file(self, agent_id: str, run_id: str) -> Path:
+        if not valid_key(run_id):
+            raise ValueError(f"unsafe run id {run_id!r}")
+        return self._dir(agent_id) / f"{run_id}.jsonl"
+
+    # -- off the reactor -----------------------------------------------------------
+
+    def _blocking(self, fn: Callable[..., Any], *args: Any) -> Deferred:
+        if IReactorThreads.providedBy(self.reactor):
+            return deferToThreadPool(self.reactor, self.reactor.getThreadPool(), fn, *args)
+        return maybeDeferred(fn, *args)
+
+    def _serial(self, run_id: str, fn: Callable[..., Any], *args: Any) -> Deferred:
+        """Run C{fn} in a thread after every earlier operation on C{run_id}."""
+        queue = self._queues.get(run_id)
+        if queue is None:
+            queue = self._queues[run_id] = [succeed(None), 0]
+        queue[1] += 1
+        result: Deferred = Deferred()
+
+        def go(_: Any) -> Deferred:
+            # chainDeferred leaves the queue's own chain with None, errors
+            # included, so one failed write does not stall the next.
+            return self._blocking(fn, *args).chainDeferred(result)
+
+        def done(_: Any) -> None:
+            queue[1] -= 1
+            if queue[1] == 0 and self._queues.get(run_id) is queue:
+                del self._queues[run_id]
+
+        queue[0].addCallback(go).addCallback(done)
+        return result
+
+    # -- IRunStore ---------------------------------------------------------------------
+
+    def append(self, agent_id: str, run_id: str, records: list[dict[str, Any]]) -> Deferred:
+        path = self._file(agent_id, run_id)
+        payload = b"".join(orjson.dumps(r) + b"\n" for r in records)
+        return self._serial(run_id, self._write, path, payload)
+
+    def _write(self, path: Path, payload: bytes) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            view = memoryview(payload)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            if self.fsync:
+                os.fdatasync(fd)
+        finally:
+            os.close(fd)
+
+    def write_summary(self, summary: dict[str, Any]) -> Deferred:
+        path = self._file(summary["agent_id"], summary["run_id"]).with_suffix(".summary.json")
+        return self._serial(summary["run_id"], self._replace, path, json.dumps(summary))
+
+    def _replace(self, path: Path, text: str) -> None:
+        from car_twisted.auth import write_secret_file
+
+        write_secret_file(path, text)
+
+    def read(self, agent_id: str, run_id: str) -> Deferred:
+        return self._serial(run_id, read_records, self._file(agent_id, run_id))
+
+    def find(self, run_id: str) -> Deferred:
+        if not valid_key(run_id):
+            return maybeDeferred(lambda: None)
+
+        def look() -> str | None:
+            try:
+                agents = os.listdir(self.root)
+            except FileNotFoundError:
+                return None
+            for agent_id in agents:
+                if valid_key(agent_id) and (self.root / agent_id / f"{run_id}.jsonl").exists():
+                    return agent_id
+            return None
+
+        return self._blocking(look)
+
+    def summaries(self, agent_id: str) -> Deferred:
+        directory = self._dir(agent_id)
+
+        def scan() -> list[dict[str, Any]]:
+            out = []
+            try:
+                names = os.listdir(directory)
+            except FileNotFoundError:
+                return out
+            for name in names:
+                if not name.endswith(".summary.json"):
+                    continue
+                try:
+                    out.append(json.loads((directory / name).read_text()))
+                except (OSError, ValueError):
+                    self._log.warn("unreadable run summary {name}", name=name)
+            return out
+
+        return self._blocking(scan)
