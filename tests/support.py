@@ -12,7 +12,7 @@ from typing import Any
 
 import attrs
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.internet.endpoints import clientFromString
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
@@ -260,3 +260,14 @@ async def start_server(reactor: Any, tmp_path: Path, state: ServerState | None =
         unix=f"unix:{sock}",
         reactor=reactor,
     )
+
+
+async def until(reactor: Any, predicate: Any, what: str, timeout: float = 15.0) -> Any:
+    """Poll C{predicate} (plain or returning a Deferred) until truthy; bounded."""
+    deadline = reactor.seconds() + timeout
+    while True:
+        value = await defer.maybeDeferred(predicate)
+        if value:
+            return value
+        assert reactor.seconds() < deadline, f"timed out waiting for {what}"
+        await task.deferLater(reactor, 0.02, lambda: None)

@@ -12,21 +12,19 @@ per-agent files (see ``docs/decisions.md``).
 
 from __future__ import annotations
 
-import datetime
 import fcntl
 import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import attrs
-from twisted.internet.defer import Deferred, DeferredList, TimeoutError, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, DeferredList, TimeoutError, succeed
 from twisted.internet.error import ProcessExitedAlready
-from twisted.internet.interfaces import IReactorThreads
 from twisted.internet.protocol import ProcessProtocol
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from car_twisted._util import iso_utc, off_reactor
 from car_twisted.agents.logs import DEFAULT_MAX_LOG_BYTES, AgentLog, tail_streams
 from car_twisted.agents.manifest import (
     MAX_AGENTS,
@@ -47,10 +45,6 @@ DEFAULT_STOP_GRACE_SECS = 10.0
 MAX_BACKOFF_SECS = 300.0
 # A run this long counts as healthy: the next failure backs off from scratch.
 STABLE_RUN_SECS = 30.0
-
-
-def _iso(seconds: float) -> str:
-    return datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc).isoformat().replace("+00:00", "Z")
 
 
 @attrs.define(eq=False)
@@ -199,7 +193,7 @@ class Supervisor:
             "pid": agent.pid,
             "last_exit_code": agent.last_exit_code,
             "restart_count": agent.restart_count,
-            "started_at": _iso(agent.started_at) if agent.started_at is not None else None,
+            "started_at": iso_utc(agent.started_at) if agent.started_at is not None else None,
             "attached": session is not None,
             "session_id": session.client_id if session is not None else None,
         }
@@ -453,11 +447,7 @@ class Supervisor:
     def tail_log(self, agent_id: str, streams: tuple[str, ...], n: int, offset: int) -> Deferred:
         self._get(agent_id)
         paths = {name: self.log_path(agent_id, name) for name in ("stdout", "stderr")}
-        if IReactorThreads.providedBy(self.reactor):
-            return deferToThreadPool(
-                self.reactor, self.reactor.getThreadPool(), tail_streams, paths, streams, n, offset
-            )
-        return maybeDeferred(tail_streams, paths, streams, n, offset)
+        return off_reactor(self.reactor, tail_streams, paths, streams, n, offset)
 
     # -- IAgentIdentities ------------------------------------------------------------------
 

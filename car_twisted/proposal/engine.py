@@ -20,7 +20,6 @@ the rest go on, and the failed action's dependents are skipped.
 
 from __future__ import annotations
 
-import datetime
 from typing import Any, Iterable
 
 from twisted.internet.defer import CancelledError, Deferred
@@ -28,6 +27,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from car_twisted._util import iso_utc
 from car_twisted.interfaces import IToolExecutor
 from car_twisted.proposal.ir import (
     Action,
@@ -73,10 +73,6 @@ def holds(pre: Precondition, state: Any) -> bool:
     if not present or a is None or b is None:
         return False
     return {"gt": a > b, "lt": a < b, "gte": a >= b, "lte": a <= b}[op]
-
-
-def _iso(seconds: float) -> str:
-    return datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc).isoformat().replace("+00:00", "Z")
 
 
 class ProposalEngine:
@@ -316,7 +312,7 @@ class _Execution:
         engine, res = self.engine, self.results[a.id]
         state = engine.state
         began = engine.clock.seconds()
-        res.timestamp = _iso(began)
+        res.timestamp = iso_utc(began)
         res.status = "executing"
         try:
             hit = first_violation(

@@ -12,7 +12,6 @@ is set before the terminal record is written.
 from __future__ import annotations
 
 import collections
-import datetime
 import re
 import uuid
 from typing import Any
@@ -21,6 +20,7 @@ import orjson
 from twisted.internet.defer import ensureDeferred
 from twisted.logger import Logger
 
+from car_twisted._util import iso_utc
 from car_twisted.errors import InvalidParams, RpcError
 from car_twisted.rpc.envelope import encode_notification
 from car_twisted.runs.model import (
@@ -44,10 +44,6 @@ SUBSCRIBER_QUEUE = 128
 MAX_SUBSCRIPTIONS_PER_SESSION = 256
 MAX_REMEMBERED_RUNS = 4096
 _BAD_TURNS = "runs.record_turns requires { run_id, turns: [RunTurn] }"
-
-
-def _now(clock: Any) -> str:
-    return datetime.datetime.fromtimestamp(clock.seconds(), datetime.timezone.utc).isoformat().replace("+00:00", "Z")
 
 
 def _slug(name: str) -> str:
@@ -150,7 +146,7 @@ class RunRegistry:
             run_id=run_id,
             agent_id=agent_id,
             intent=p.intent,
-            started_at=_now(self.clock),
+            started_at=iso_utc(self.clock.seconds()),
             agent_name=p.agent_name,
             outcome_description=p.outcome_description,
             owner=session,
@@ -260,7 +256,7 @@ class RunRegistry:
 
     async def _end(self, meta: RunMeta, status: str, extra: dict[str, Any]) -> None:
         meta.status = status
-        meta.ended_at = _now(self.clock)
+        meta.ended_at = iso_utc(self.clock.seconds())
         record = {"record": "ended", "status": status, "ended_at": meta.ended_at, **extra}
         await self._persist(meta, [record])
         self._fan_out(meta, record, meta.turn_count)

@@ -20,11 +20,10 @@ from typing import Any, Callable
 
 import orjson
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
-from twisted.internet.interfaces import IReactorThreads
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from car_twisted._util import off_reactor
 from car_twisted.interfaces import IRunStore
 from car_twisted.runs.model import valid_key
 
@@ -75,9 +74,7 @@ class JsonlRunStore:
     # -- off the reactor -----------------------------------------------------------
 
     def _blocking(self, fn: Callable[..., Any], *args: Any) -> Deferred:
-        if IReactorThreads.providedBy(self.reactor):
-            return deferToThreadPool(self.reactor, self.reactor.getThreadPool(), fn, *args)
-        return maybeDeferred(fn, *args)
+        return off_reactor(self.reactor, fn, *args)
 
     def _serial(self, run_id: str, fn: Callable[..., Any], *args: Any) -> Deferred:
         """Run C{fn} in a thread after every earlier operation on C{run_id}."""

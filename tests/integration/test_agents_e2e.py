@@ -11,25 +11,14 @@ import sys
 from pathlib import Path
 
 import pytest_twisted
-from twisted.internet import defer, task
 from twisted.logger import formatEvent, globalLogPublisher
 
-from support import WsTestClient, start_server
+from support import start_server, until
 
 AGENT = str(Path(__file__).resolve().parents[1] / "agents" / "attach_agent.py")
 # The real interpreter: a venv's python may live under a world-writable
 # directory (CI clones into /tmp), which the supervisor rightly refuses.
 PYTHON = os.path.realpath(sys.executable)
-
-
-async def until(reactor, predicate, what, timeout=20.0):
-    deadline = reactor.seconds() + timeout
-    while True:
-        value = await defer.maybeDeferred(predicate)
-        if value:
-            return value
-        assert reactor.seconds() < deadline, f"timed out waiting for {what}"
-        await task.deferLater(reactor, 0.05, lambda: None)
 
 
 class Operator:

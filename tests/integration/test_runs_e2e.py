@@ -16,7 +16,7 @@ from zope.interface import implementer
 
 from car_twisted.interfaces import IAgentIdentities
 from car_twisted.runs.store import read_records
-from support import HOST_TOKEN, WsTestClient, free_port, port_open, start_server
+from support import HOST_TOKEN, WsTestClient, free_port, port_open, start_server, until
 
 
 @implementer(IAgentIdentities)
@@ -44,13 +44,6 @@ async def as_host(server):
     client = await server.client("tcp")
     assert (await client.call("session.auth", {"host_token": HOST_TOKEN}, rid=0))["result"]["role"] == "host"
     return client
-
-
-async def until(reactor, predicate, what, timeout=15.0):
-    deadline = reactor.seconds() + timeout
-    while not predicate():
-        assert reactor.seconds() < deadline, f"timed out waiting for {what}"
-        await task.deferLater(reactor, 0.02, lambda: None)
 
 
 def batch(n, tag):

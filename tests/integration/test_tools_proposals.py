@@ -7,7 +7,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer, task
 
-from support import CallbackError, start_server
+from support import CallbackError, start_server, until
 
 KINDS = ["tcp", "unix"]
 
@@ -139,13 +139,6 @@ async def test_timeout_sends_tools_cancel_and_retries(reactor, tmp_path, kind):
         client.drop()
     finally:
         await server.stop()
-
-
-async def until(reactor, predicate, what, timeout=10.0):
-    deadline = reactor.seconds() + timeout
-    while not predicate():
-        assert reactor.seconds() < deadline, f"timed out waiting for {what}"
-        await task.deferLater(reactor, 0.01, lambda: None)
 
 
 @pytest_twisted.ensureDeferred
