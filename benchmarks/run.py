@@ -19,6 +19,12 @@ callback the load generator answers at once, next to one ``bench.echo``
 and two sequential ``bench.echo`` requests, in the same run and shapes
 (default 16x4,1x1).
 
+``--scenario runs`` measures the daemon's run tracing: each connection
+binds as an agent, opens runs and keeps ``runs.record_turns`` batches of
+B turns in flight (B from ``--batches``, default 1,256); the daemon acks a
+batch once its JSONL lines are written to the run file.  Reports turns/s,
+batches/s, ack latency and the bytes written (default shapes 1x1,4x4).
+
 Standard library only (plus ``node``/``npm`` on PATH).  See README.md.
 """
 
@@ -61,7 +67,9 @@ MODES: dict[str, str] = {
     "echo2": "2 echoes (seq.)",
     "callback": "proposal+callback",
 }
-DEFAULT_SHAPES = {"throughput": "16x8,1x1", "callback": "16x4,1x1"}
+DEFAULT_SHAPES = {"throughput": "16x8,1x1", "callback": "16x4,1x1", "runs": "1x1,4x4"}
+# The daemon's per-run ceiling (car_twisted.runs.model.RECORD_TURNS_RUN_CEILING).
+RUN_TURN_LIMIT = 2000
 
 SERVER_START_TIMEOUT = 20.0
 SERVER_STOP_TIMEOUT = 15.0  # generous: a cProfile'd server writes its stats on exit
@@ -153,7 +161,8 @@ def wait_until_quiet(max_busy_pct: float, timeout: float) -> float | None:
 
 class Server:
     def __init__(self, name: str, python: str, token: str, log_dir: Path,
-                 cpus: set[int] | None, profile: Path | None) -> None:
+                 cpus: set[int] | None, profile: Path | None,
+                 extra_args: list[str] | None = None) -> None:
         self.name = name
         self.label, script, takes_token = SERVERS[name]
         self.log_path = log_dir / f"{name}.log"
@@ -163,6 +172,7 @@ class Server:
         cmd += [str(HERE / script), "--port", "0"]
         if takes_token:
             cmd += ["--token", token]
+        cmd += extra_args or []
         self.cmd = cmd
         self.cpus = cpus
         self.proc: subprocess.Popen | None = None
@@ -254,7 +264,8 @@ class Server:
 
 
 def run_loadgen(node: str, server: Server, conns: int, depth: int, args: argparse.Namespace,
-                token: str, cpus: set[int] | None, mode: str = "echo") -> dict:
+                token: str, cpus: set[int] | None, mode: str = "echo",
+                extra_args: list[str] | None = None) -> dict:
     cmd = [
         node, str(LOADGEN),
         "--mode", mode,
@@ -265,7 +276,7 @@ def run_loadgen(node: str, server: Server, conns: int, depth: int, args: argpars
         "--seconds", str(args.seconds),
         "--warmup", str(args.warmup),
         "--max-requests", str(args.max_requests),
-    ]
+    ] + (extra_args or [])
     limit = args.warmup + args.seconds + 40
     server_cpu0 = server.cpu_seconds()
     children0 = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -328,6 +339,45 @@ def run_loadgen(node: str, server: Server, conns: int, depth: int, args: argpars
     return result
 
 
+class RunFiles:
+    """
+    What the daemon wrote under C{CAR_HOME/runs}: each C{.jsonl} run file
+    is append-only, so its growth since the last look is exactly the bytes
+    written, and the newlines in that growth are the records written.  Run
+    summaries (C{.summary.json}) are rewritten whole (temp + rename) at a
+    run's start and end: counted as 2 writes of their final size per new
+    summary.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.seen: dict[Path, int] = {}  # jsonl file -> bytes already counted
+        self.summaries: set[Path] = set()
+
+    def delta(self) -> dict:
+        jsonl_bytes = lines = files = 0
+        summary_new = summary_bytes = 0
+        for path in self.root.rglob("*"):
+            name = path.name
+            if name.endswith(".jsonl"):
+                old = self.seen.get(path, 0)
+                with open(path, "rb") as f:
+                    f.seek(old)
+                    data = f.read()
+                if data:
+                    files += old == 0
+                    jsonl_bytes += len(data)
+                    lines += data.count(b"\n")
+                    self.seen[path] = old + len(data)
+            elif name.endswith(".summary.json") and path not in self.summaries:
+                self.summaries.add(path)
+                summary_new += 1
+                summary_bytes += 2 * path.stat().st_size
+        return {"jsonl_bytes": jsonl_bytes, "jsonl_lines": lines, "jsonl_files_new": files,
+                "summary_files_new": summary_new, "summary_bytes_est": summary_bytes,
+                "bytes_written": jsonl_bytes + summary_bytes}
+
+
 # -- set-up ---------------------------------------------------------------------
 
 def ensure_node_modules(npm: str) -> None:
@@ -368,6 +418,16 @@ def parse_modes(text: str) -> list[str]:
         raise argparse.ArgumentTypeError(
             f"unknown mode(s) {', '.join(unknown)}; choose from {', '.join(MODES)}")
     return names
+
+
+def parse_batches(text: str) -> list[int]:
+    try:
+        sizes = [int(b) for b in text.split(",") if b.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad batch list {text!r}") from None
+    if not sizes or any(not 1 <= b <= 256 for b in sizes):
+        raise argparse.ArgumentTypeError("batch sizes must be 1..256 (the daemon's per-batch cap)")
+    return sizes
 
 
 def parse_cpus(text: str) -> set[int]:
@@ -502,6 +562,32 @@ def summarize_callback(runs: list[dict], modes: list[str], shapes: list[tuple[in
     return {"rows": rows, "ratios": ratios}
 
 
+def summarize_runs(runs: list[dict], batches: list[int], shapes: list[tuple[int, int]]) -> dict:
+    """Medians per (batch size, shape) on the car server."""
+    rows = []
+    for c, d in shapes:
+        shape = f"{c}x{d}"
+        for b in batches:
+            mine = [r for r in runs if r["batch"] == b and r["shape"] == shape]
+            if not mine:
+                continue
+            row = {"server": "car", "mode": "runs", "batch": b, "label": f"B={b}",
+                   "shape": shape, **_row(mine)}
+            # _row's rps is batches/s; a batch of b turns is acked as a whole.
+            row["batches_per_s"] = row["rps"]
+            row["turns_per_s"] = statistics.median(r["turns_per_s"] for r in mine)
+            row["server_us_per_turn"] = (row["server_us_per_op"] / b
+                                         if row["server_us_per_op"] is not None else None)
+            row["bytes_per_s"] = statistics.median(r["files"]["bytes_written"] / r["wall_s"]
+                                                   for r in mine)
+            row["bytes_written"] = statistics.median(r["files"]["bytes_written"] for r in mine)
+            row["jsonl_bytes_per_turn"] = statistics.median(
+                r["files"]["jsonl_bytes"] / r["turns_acked"] for r in mine)
+            row["runs_started"] = statistics.median(r["runs_started"] for r in mine)
+            rows.append(row)
+    return {"rows": rows, "ratios": []}
+
+
 def summarize(runs: list[dict], servers: list[str], shapes: list[tuple[int, int]]) -> dict:
     rows = []
     by_key: dict[tuple[str, str], dict] = {}
@@ -594,6 +680,31 @@ def print_callback_table(summary: dict, args: argparse.Namespace, out=sys.stdout
     print(file=out)
 
 
+def print_runs_table(summary: dict, args: argparse.Namespace, out=sys.stdout) -> None:
+    print(file=out)
+    print(f"car-twisted runs.record_turns; median of {args.repeat} run(s) per cell; "
+          f"{args.seconds:g}s measured after {args.warmup:g}s warm-up; ack = the batch's lines "
+          f"written to the run file; latency per batch; spread = (max-min)/median of batches/s; "
+          f"written = run files over the whole run (jsonl + summaries)", file=out)
+    header = (f"{'batch':<6} {'shape':>6} {'turns/s':>10} {'batches/s':>10} {'spread':>7} "
+              f"{'p50 ms':>8} {'p99 ms':>8} {'srv cpu':>8} {'us/batch':>9} {'us/turn':>8} "
+              f"{'MB/s':>6} {'MB':>6} {'B/turn':>7} {'runs':>5}")
+    print(header, file=out)
+    print("-" * len(header), file=out)
+    for row in summary["rows"]:
+        spread = f"{row['spread_pct']:.0f}%" if row["spread_pct"] is not None else "-"
+        us = row["server_us_per_op"]
+        ut = row["server_us_per_turn"]
+        print(f"{row['label']:<6} {row['shape']:>6} {row['turns_per_s']:>10.0f} "
+              f"{row['batches_per_s']:>10.0f} {spread:>7} {row['p50_ms']:>8.3f} "
+              f"{row['p99_ms']:>8.3f} {_pct(row['server_cpu_pct']):>8} "
+              f"{(f'{us:.1f}' if us is not None else '-'):>9} "
+              f"{(f'{ut:.2f}' if ut is not None else '-'):>8} "
+              f"{row['bytes_per_s'] / 1e6:>6.1f} {row['bytes_written'] / 1e6:>6.1f} "
+              f"{row['jsonl_bytes_per_turn']:>7.1f} {row['runs_started']:>5.0f}", file=out)
+    print(file=out)
+
+
 def print_profile(path: Path, limit: int) -> None:
     import pstats
 
@@ -601,6 +712,23 @@ def print_profile(path: Path, limit: int) -> None:
     stats = pstats.Stats(str(path))
     stats.sort_stats("tottime").print_stats(limit)
     stats.sort_stats("cumulative").print_stats("car_twisted", limit)
+
+
+def check_run_files(res: dict, files: dict, server: Server) -> None:
+    """
+    Attach the run-file growth to C{res} and check it holds every
+    acknowledged turn: one line per turn plus a ``started`` and an ``ended``
+    record per run (every run the load generator opened it also completed).
+    The daemon acks only after writing, and the load generator has seen
+    every ack by now, so fewer lines means an acked batch is missing.
+    """
+    res["files"] = files
+    expected = res["turns_acked"] + res["runs_started"] + res["runs_completed"]
+    res["files"]["lines_expected"] = expected
+    if files["jsonl_lines"] < expected:
+        raise BenchError(f"run files hold {files['jsonl_lines']} records, fewer than the "
+                         f"{expected} acknowledged (turns + started + ended){server.log_tail()}")
+    res["bytes_per_turn"] = files["jsonl_bytes"] / res["turns_acked"] if res["turns_acked"] else None
 
 
 def _pct(value: float | None) -> str:
@@ -612,16 +740,19 @@ def _pct(value: float | None) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description="JSON-RPC over WebSocket throughput: car-twisted vs bare Autobahn and websockets.")
-    p.add_argument("--scenario", choices=("throughput", "callback"), default="throughput",
+    p.add_argument("--scenario", choices=("throughput", "callback", "runs"), default="throughput",
                    help="throughput: bench.echo on every server (default); callback: the "
                         "car server only, proposal.submit with one tool_call next to one and "
-                        "two sequential bench.echo requests")
+                        "two sequential bench.echo requests; runs: the car server only, "
+                        "runs.record_turns batches acked once written to the run file")
+    p.add_argument("--batches", type=parse_batches, default=[1, 256],
+                   help="with --scenario runs: comma-separated turns per batch (default 1,256)")
     p.add_argument("--modes", type=parse_modes, default=list(MODES),
                    help="with --scenario callback: comma-separated subset of "
                         "echo,echo2,callback (default all)")
     p.add_argument("--shapes", type=parse_shapes, default=None,
                    help="comma-separated CONNSxDEPTH shapes (default 16x8,1x1; "
-                        "16x4,1x1 with --scenario callback)")
+                        "16x4,1x1 with --scenario callback; 1x1,4x4 with --scenario runs)")
     p.add_argument("--seconds", type=float, default=4.0, help="measured seconds per run (default 4)")
     p.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds first (default 1)")
     p.add_argument("--repeat", type=int, default=3, help="round-robin rounds (default 3)")
@@ -649,17 +780,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--python", default=sys.executable, help="interpreter for the servers")
     p.add_argument("--node", default="node")
     p.add_argument("--npm", default="npm")
+    p.add_argument("--server-nodelay", action="store_true",
+                   help="what-if: the car server sets TCP_NODELAY on accepted sockets "
+                        "(the daemon itself leaves Nagle on)")
     p.add_argument("--profile", type=Path, metavar="PATH",
                    help="run the car-twisted server under cProfile, write its stats to PATH "
                         "and print the top entries (the figures are then distorted)")
     p.add_argument("--profile-top", type=int, default=30)
     args = p.parse_args(argv)
     callback = args.scenario == "callback"
+    runs_scn = args.scenario == "runs"
     if args.shapes is None:
         args.shapes = parse_shapes(DEFAULT_SHAPES[args.scenario])
-    if callback:
+    if callback or runs_scn:
         if args.servers is not None and args.servers != ["car"]:
-            p.error("--scenario callback runs the car server only (--servers car, or leave it out)")
+            p.error(f"--scenario {args.scenario} runs the car server only "
+                    f"(--servers car, or leave it out)")
         args.servers = ["car"]
     elif args.servers is None:
         args.servers = list(SERVERS)
@@ -690,6 +826,9 @@ def main(argv: list[str] | None = None) -> int:
 
     token = secrets.token_hex(16)
     log_dir = Path(tempfile.mkdtemp(prefix="car-bench-logs-"))
+    # runs: the daemon's CAR_HOME is ours, so its run files can be measured.
+    car_home = Path(tempfile.mkdtemp(prefix="car-bench-home-")) if runs_scn else None
+    run_files = RunFiles(car_home / "runs") if car_home is not None else None
     servers: dict[str, Server] = {}
     runs: list[dict] = []
 
@@ -701,14 +840,23 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for name in args.servers:
             profile = args.profile.resolve() if (name == "car" and args.profile) else None
-            server = Server(name, args.python, token, log_dir, server_cpus, profile)
+            extra = []
+            if name == "car" and car_home is not None:
+                extra += ["--agent-token", token, "--car-home", str(car_home)]
+            if name == "car" and args.server_nodelay:
+                extra += ["--tcp-nodelay"]
+            server = Server(name, args.python, token, log_dir, server_cpus, profile, extra)
             servers[name] = server
             server.start()
             print(f"started {server.label} (pid {server.proc.pid}) on {server.url}", file=sys.stderr)
 
         # One cell = one server driven in one loadgen mode.
-        cells = ([("car", m) for m in args.modes] if callback
-                 else [(name, "echo") for name in args.servers])
+        if runs_scn:
+            cells = [("car", f"runs:{b}") for b in args.batches]
+        elif callback:
+            cells = [("car", m) for m in args.modes]
+        else:
+            cells = [(name, "echo") for name in args.servers]
         total = args.repeat * len(args.shapes) * len(cells)
         n = 0
         for rnd in range(args.repeat):
@@ -717,7 +865,14 @@ def main(argv: list[str] | None = None) -> int:
             for conns, depth in args.shapes:
                 for name, mode in order:
                     server = servers[name]
-                    label = MODES[mode] if callback else server.label
+                    if runs_scn:
+                        batch = int(mode.split(":")[1])
+                        label = f"runs B={batch}"
+                        lg_mode, lg_extra = "runs", ["--batch", str(batch),
+                                                     "--run-limit", str(RUN_TURN_LIMIT)]
+                    else:
+                        label = MODES[mode] if callback else server.label
+                        lg_mode, lg_extra = mode, None
                     n += 1
                     for attempt in range(args.retries + 1):
                         if args.pause > 0:
@@ -728,20 +883,29 @@ def main(argv: list[str] | None = None) -> int:
                                 print(f"note: machine still {idle_busy:.0f}% busy after waiting "
                                       f"{args.quiet_timeout:g}s; running anyway", file=sys.stderr)
                         server.check_alive()
+                        if run_files is not None:
+                            run_files.delta()  # anything left over is not this run's
                         res = run_loadgen(args.node, server, conns, depth, args, token,
-                                          loadgen_cpus, mode)
+                                          loadgen_cpus, lg_mode, lg_extra)
                         server.check_alive()
+                        if run_files is not None:
+                            check_run_files(res, run_files.delta(), server)
                         other = res["other_cpu_pct"]
                         res["disturbed"] = other is not None and other > args.max_other
                         res["attempt"] = attempt + 1
+                        turns = (f"{res['turns_per_s']:>9.0f} turns/s  {res['files']['bytes_written'] / 1e6:.1f} MB  "
+                                 if runs_scn else "")
                         print(f"[{n}/{total}] round {rnd + 1} {label:<17} {conns}x{depth}: "
-                              f"{res['rps']:>9.0f} rps  p50 {res['p50_ms']:.3f} ms  "
+                              f"{turns}{res['rps']:>9.0f} {'batches/s' if runs_scn else 'rps'}  "
+                              f"p50 {res['p50_ms']:.3f} ms  "
                               f"p99 {res['p99_ms']:.3f} ms  cpu: server {_pct(res['server_cpu_pct'])} "
                               f"loadgen {_pct(res['loadgen_cpu_pct'])} other {_pct(other)}"
                               + ("  DISTURBED" if res["disturbed"] else ""), file=sys.stderr)
                         if not res["disturbed"]:
                             break
                     res.update(server=name, mode=mode, shape=f"{conns}x{depth}", round=rnd)
+                    if runs_scn:
+                        res["batch"] = batch
                     runs.append(res)
     except BenchError as e:
         failed = True
@@ -756,18 +920,24 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as e:  # keep stopping the others
                 print(f"warning: could not stop {server.label}: {e}", file=sys.stderr)
         signal.signal(signal.SIGTERM, previous)
+        if car_home is not None:
+            shutil.rmtree(car_home, ignore_errors=True)
 
     if not runs:
         print(f"server logs kept in {log_dir}", file=sys.stderr)
         return 1
-    if callback:
+    if runs_scn:
+        summary = summarize_runs(runs, args.batches, args.shapes)
+    elif callback:
         summary = summarize_callback(runs, args.modes, args.shapes)
     else:
         summary = summarize(runs, args.servers, args.shapes)
     if args.profile is not None:
         print("note: the car-twisted server ran under cProfile; its figures are distorted",
               file=sys.stderr)
-    if callback:
+    if runs_scn:
+        print_runs_table(summary, args)
+    elif callback:
         print_callback_table(summary, args)
     else:
         print_table(summary, args)
@@ -775,7 +945,10 @@ def main(argv: list[str] | None = None) -> int:
         doc = {
             "config": {
                 "scenario": args.scenario,
-                "modes": args.modes if callback else ["echo"],
+                "modes": (args.modes if callback else
+                          [f"runs:{b}" for b in args.batches] if runs_scn else ["echo"]),
+                "batches": args.batches if runs_scn else None,
+                "run_turn_limit": RUN_TURN_LIMIT if runs_scn else None,
                 "shapes": [f"{c}x{d}" for c, d in args.shapes],
                 "seconds": args.seconds,
                 "warmup": args.warmup,
@@ -783,6 +956,7 @@ def main(argv: list[str] | None = None) -> int:
                 "servers": args.servers,
                 "pinned": bool(args.pin),
                 "profiled": args.profile is not None,
+                "server_tcp_nodelay": bool(args.server_nodelay),
                 "complete": not failed,
             },
             "environment": env,

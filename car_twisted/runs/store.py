@@ -58,6 +58,7 @@ class JsonlRunStore:
         self.root = root
         self.fsync = fsync
         self._queues: dict[str, list[Any]] = {}
+        self._made: set[Path] = set()
 
     # -- paths ---------------------------------------------------------------------
 
@@ -105,7 +106,9 @@ class JsonlRunStore:
         return self._serial(run_id, self._write, path, payload)
 
     def _write(self, path: Path, payload: bytes) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if path.parent not in self._made:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self._made.add(path.parent)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
             view = memoryview(payload)

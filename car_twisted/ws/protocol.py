@@ -128,6 +128,17 @@ class CarServerProtocol(WebSocketServerProtocol):
 
     # -- Autobahn callbacks --------------------------------------------------
 
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        # Autobahn applies its tcpNoDelay option before it has copied the
+        # factory's options onto the protocol, so the call silently does
+        # nothing and Nagle stays on: small replies then wait ~40 ms for
+        # the peer's delayed ACK.  Set it here, after the copy.
+        try:
+            self.transport.setTcpNoDelay(True)
+        except (AttributeError, OSError):
+            pass  # not TCP (a UNIX socket)
+
     def onConnect(self, request: Any) -> None:
         try:
             origin = self.http_headers.get("origin")

@@ -238,3 +238,20 @@ async def test_unix_socket_mode(reactor, tmp_path):
     finally:
         await server.stop()
     assert not sock.exists()
+
+
+@pytest_twisted.ensureDeferred
+async def test_tcp_nodelay_is_on(reactor, tmp_path):
+    """Small replies are not held back by Nagle's algorithm."""
+    import socket as _socket
+
+    server = await serve(reactor, tmp_path)
+    try:
+        c = await server.client("tcp")
+        await c.authenticate()
+        (session,) = server.state.sessions.values()
+        sock = session.channel.sink.transport.getHandle()
+        assert sock.getsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY) != 0
+        c.drop()
+    finally:
+        await server.stop()
