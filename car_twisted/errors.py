@@ -97,6 +97,7 @@ class InvalidParams(RpcError):
             f"invalid params: {field}: {problem}", data={"field": field}
         )
         self.field = field
+        self.problem = problem
 
 
 class MethodNotFound(RpcError):

@@ -100,7 +100,7 @@ class SessionMethods:
             try:
                 policies.append(parse_policy(raw))
             except InvalidParams as e:
-                raise InvalidParams(f"policies[{i}].{e.field}", e.message.split(": ", 2)[-1]) from None
+                raise InvalidParams(f"policies[{i}].{e.field}", e.problem) from None
         runtime = session.runtime
         for schema in schemas:
             runtime.register_tool(schema)

@@ -244,9 +244,14 @@ class RunRegistry:
 
     async def complete(self, session: Any, run_id: str, outcome: Any) -> dict[str, Any]:
         meta = self.runs.get(run_id)
-        if meta is None or not (meta.owner is session or (session.agent_id is not None and session.agent_id == meta.agent_id)):
-            if meta is None and await self.store.find(run_id) is not None and self.runs.get(run_id) is None:
+        if meta is None:
+            # Known only to the disk: a run from an earlier daemon life, which
+            # is terminal by now.  Say so only to the agent that owns it.
+            owner = await self.store.find(run_id)
+            if owner is not None and owner == session.agent_id:
                 raise RpcError(f"run {run_id} is already terminal")
+            raise RpcError(f"unknown run_id {run_id}")
+        if meta.owner is not session and (session.agent_id is None or session.agent_id != meta.agent_id):
             raise RpcError(f"unknown run_id {run_id}")
         if meta.terminal:
             raise RpcError(f"run {run_id} is already terminal ({meta.status})")
