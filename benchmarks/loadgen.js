@@ -36,6 +36,32 @@
 //             acknowledged; the runs still open at the end are completed
 //             while draining.  A reply with ok:false (e.g. dropped:
 //             "run_turn_limit") counts as an error.
+//             --output-bytes N makes each turn's output N characters
+//             (default 1, "o").  --zero-mask 1 masks the load frames with
+//             the all-zero key: at large batches ws's JavaScript masking
+//             loop otherwise makes this process the bottleneck.
+//             --stalled-subscribers K (with --host-token): for every run
+//             this process opens (the first ones during set-up, then each
+//             spare), K extra connections subscribe to it and then never
+//             read again.  They are raw TCP sockets with a hand-made
+//             WebSocket upgrade, authenticated as the host role
+//             (session.auth {host_token}) and handshaken ahead of time (a
+//             pool of 2 x K x --conns); given a run, one sends
+//             runs.subscribe {run_id}, reads up to its reply and pauses the
+//             socket (socket.pause()): the daemon's output to it backs up
+//             into the kernel buffers, Twisted's write buffer and the
+//             daemon's per-subscriber queue, and is then dropped.  A spare
+//             run is subscribed to as soon as it is started, and a
+//             connection rolls over to it only once its K subscriptions are
+//             acknowledged (batches wait otherwise: counted as gate waits),
+//             so every turn of every run reaches the subscribers as a live
+//             event.  A run's stalled connections are closed (destroyed,
+//             unread data and all) once its runs.complete is acknowledged;
+//             the set-up waits for the first runs' subscriptions.  At the end,
+//             a host connection asks the bench server's bench.sub_stats how
+//             the subscriptions fared (queue overflows).  --subscribers-read 1
+//             is the control: the same subscribers, but they keep reading
+//             (and discarding) everything after the subscribe reply.
 // echo2 and callback both cost two network round trips per operation.
 //
 // The whole run is bounded: at most --max-requests measured-loop requests
@@ -43,6 +69,8 @@
 // anything hangs.  The result is one JSON object on stdout.
 "use strict";
 
+const crypto = require("node:crypto");
+const net = require("node:net");
 const { performance } = require("node:perf_hooks");
 const WebSocket = require("ws");
 
@@ -61,10 +89,15 @@ function parseArgs(argv) {
     mode: "echo",
     batch: 1,
     runLimit: 2000,
+    outputBytes: 1,
+    stalledSubscribers: 0,
+    hostToken: "",
+    subscribersRead: 0,
+    zeroMask: 0,
   };
   const numeric = new Set([
     "conns", "depth", "seconds", "warmup", "maxRequests", "connectTimeout", "drain",
-    "batch", "runLimit",
+    "batch", "runLimit", "outputBytes", "stalledSubscribers", "subscribersRead", "zeroMask",
   ]);
   for (let i = 0; i < argv.length; i++) {
     const arg = argv[i];
@@ -85,7 +118,29 @@ function parseArgs(argv) {
   if (!(opts.batch >= 1 && opts.batch <= opts.runLimit && Number.isInteger(opts.batch))) {
     throw new Error("--batch must be an integer between 1 and --run-limit");
   }
+  if (!(Number.isInteger(opts.outputBytes) && opts.outputBytes >= 1)) {
+    throw new Error("--output-bytes must be an integer >= 1");
+  }
+  if (!Number.isInteger(opts.stalledSubscribers)) {
+    throw new Error("--stalled-subscribers must be an integer >= 0");
+  }
+  if (opts.stalledSubscribers > 0 && (opts.mode !== "runs" || !opts.hostToken)) {
+    throw new Error("--stalled-subscribers needs --mode runs and --host-token");
+  }
   return opts;
+}
+
+// One masked client text frame (RFC 6455 5.2).
+function clientFrame(text) {
+  const payload = Buffer.from(text);
+  const n = payload.length;
+  const head = n < 126 ? Buffer.from([0x81, 0x80 | n])
+    : n < 65536 ? Buffer.from([0x81, 0x80 | 126, n >> 8, n & 0xff])
+    : (() => { const b = Buffer.alloc(10); b[0] = 0x81; b[1] = 0x80 | 127;
+               b.writeBigUInt64BE(BigInt(n), 2); return b; })();
+  const mask = crypto.randomBytes(4);
+  for (let i = 0; i < n; i++) payload[i] ^= mask[i & 3];
+  return Buffer.concat([head, mask, payload]);
 }
 
 function percentile(sorted, q) {
@@ -136,8 +191,11 @@ function main() {
   const echo2Mode = opts.mode === "echo2";
   const runsMode = opts.mode === "runs";
   // runs: the batch is the same every time; only id and run_id change.
+  const output = opts.outputBytes === 1 ? "o"
+    : "abcdefghijklmnopqrstuvwxyz0123456789 ".repeat(Math.ceil(opts.outputBytes / 37))
+      .slice(0, opts.outputBytes);
   const turnsJson = JSON.stringify(
-    Array.from({ length: opts.batch }, () => ({ prompt: "p", output: "o" })));
+    Array.from({ length: opts.batch }, () => ({ prompt: "p", output })));
   const recordMid = ',"method":"runs.record_turns","params":{"run_id":';
   const recordTail = `,"turns":${turnsJson}}}`;
   // Batches that fit in one run (a batch never straddles two).
@@ -163,6 +221,198 @@ function main() {
   let closedEarly = 0;
   let finished = false;
   const conns = [];
+  let finishing = false; // the end: subscribers closed, asking for bench.sub_stats
+  // --stalled-subscribers
+  const K = opts.stalledSubscribers;
+  const target = new URL(opts.url);
+  const stalledAll = new Set(); // every subscriber connection not yet closed by us
+  const pool = []; // authenticated host connections not yet given a run
+  const poolTarget = K * opts.conns * 2; // two runs' worth per load connection
+  const stalled = {
+    opened: 0, // host connections opened (the pool included)
+    subscribed: 0, // subscribe replies received (then the socket is paused)
+    live: 0, // ... of which the run was still in progress (a live subscription)
+    late: 0, // ... of which the run already had turns (cursor > 0): never, with the gate
+    late_turns: 0, // sum of those cursors (turns in the snapshot, not streamed)
+    aborted: 0, // given a run, closed by us before the subscribe reply
+    closed_by_server: 0, // closed by the daemon: should not happen within a run
+    max_open: 0, // most host connections open at once (pool included)
+    subscribe_ms: [], // runs.subscribe sent -> reply
+    gate_waits: 0, // roll-overs that waited for the spare run's subscriptions
+    gate_wait_ms: 0, // total time batches were held back by those waits
+    reading: opts.subscribersRead > 0, // control: the subscribers read (and discard) everything
+    bytes_read: 0, // control: bytes read after the subscribe reply
+  };
+
+  // A host connection (hand-made WebSocket upgrade, session.auth
+  // {host_token}, server.handshake), kept in the pool until given a run.
+  function openHost() {
+    const sock = net.connect({ host: target.hostname, port: Number(target.port) });
+    const st = { sock, runId: null, onSubscribed: null, ready: false, sentAt: 0,
+                 closing: false, subscribed: false };
+    stalled.opened++;
+    stalledAll.add(st);
+    if (stalledAll.size > stalled.max_open) stalled.max_open = stalledAll.size;
+    const chunks = [];
+    let have = 0;
+    let need = 2; // bytes needed before the next parse attempt
+    let upgraded = false;
+    const bad = (msg) => {
+      errors++;
+      if (firstError === null) firstError = { stalled_subscriber: msg };
+      closeStalled(st);
+    };
+    sock.setNoDelay(true);
+    sock.on("connect", () => {
+      const key = crypto.randomBytes(16).toString("base64");
+      sock.write(`GET ${target.pathname || "/"} HTTP/1.1\r\nHost: ${target.host}\r\n` +
+                 `Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: ${key}\r\n` +
+                 "Sec-WebSocket-Version: 13\r\n\r\n");
+    });
+    const onData = (chunk) => {
+      chunks.push(chunk);
+      have += chunk.length;
+      if (have < need) return; // no quadratic re-joining of a large reply
+      let buf = chunks.length === 1 ? chunks[0] : Buffer.concat(chunks);
+      chunks.length = 0;
+      if (!upgraded) {
+        const end = buf.indexOf("\r\n\r\n");
+        if (end < 0) {
+          chunks.push(buf);
+          need = have + 1;
+          return;
+        }
+        const status = buf.subarray(0, buf.indexOf("\r\n")).toString();
+        if (!/^HTTP\/1\.1 101 /.test(status)) return bad(`upgrade refused: ${status}`);
+        upgraded = true;
+        buf = buf.subarray(end + 4);
+        // Pipelined: the daemon handles one connection's frames in order.
+        sock.write(Buffer.concat([
+          clientFrame(JSON.stringify({ jsonrpc: "2.0", id: 0, method: "session.auth",
+                                       params: { host_token: opts.hostToken } })),
+          clientFrame(handshakeFrame),
+        ]));
+      }
+      while (buf.length >= 2) {
+        const op = buf[0] & 0x0f;
+        let len = buf[1] & 0x7f;
+        let off = 2;
+        if (len === 126) {
+          off = 4;
+          if (buf.length >= 4) len = buf.readUInt16BE(2);
+        } else if (len === 127) {
+          off = 10;
+          if (buf.length >= 10) len = Number(buf.readBigUInt64BE(2));
+        }
+        if (buf.length < off || buf.length < off + len) break;
+        const payload = buf.subarray(off, off + len);
+        buf = buf.subarray(off + len);
+        if (op === 8) return bad(`closed by the daemon (${payload.subarray(2)})`);
+        if (op !== 1) continue; // ping etc.
+        let msg;
+        try {
+          msg = JSON.parse(payload.toString());
+        } catch (e) {
+          return bad("unparsable frame");
+        }
+        if (msg.error !== undefined) return bad(`id ${msg.id}: ${JSON.stringify(msg.error)}`);
+        if (msg.id === 2) {
+          st.ready = true;
+          if (st.runId !== null) sendSubscribe(st);
+          continue;
+        }
+        if (msg.id !== 5) continue; // the auth reply
+        const r = msg.result;
+        if (!r || r.run_id !== st.runId || typeof r.cursor !== "number") {
+          return bad(`runs.subscribe answered ${JSON.stringify(r).slice(0, 200)}`);
+        }
+        // From here on: never read again (the control, --subscribers-read 1:
+        // read and discard everything, without parsing).
+        sock.removeListener("data", onData);
+        if (opts.subscribersRead) sock.on("data", (c) => { stalled.bytes_read += c.length; });
+        else sock.pause();
+        st.subscribed = true;
+        stalled.subscribed++;
+        if (r.status === "in_progress") stalled.live++;
+        if (r.cursor > 0) {
+          stalled.late++;
+          stalled.late_turns += r.cursor;
+        }
+        stalled.subscribe_ms.push(performance.now() - st.sentAt);
+        if (st.onSubscribed) st.onSubscribed();
+        return;
+      }
+      if (buf.length) chunks.push(buf);
+      have = buf.length;
+      need = buf.length < 2 ? 2 : frameNeed(buf);
+    };
+    sock.on("data", onData);
+    sock.on("error", (err) => {
+      if (!st.closing) bad(`socket error: ${err.message}`);
+    });
+    sock.on("close", () => {
+      if (!st.closing) {
+        stalled.closed_by_server++;
+        bad("closed by the daemon");
+      }
+    });
+    return st;
+  }
+
+  // Bytes needed for the whole frame starting at buf (or for its header).
+  function frameNeed(buf) {
+    const len = buf[1] & 0x7f;
+    if (len < 126) return 2 + len;
+    if (len === 126) return buf.length < 4 ? 4 : 4 + buf.readUInt16BE(2);
+    return buf.length < 10 ? 10 : 10 + Number(buf.readBigUInt64BE(2));
+  }
+
+  function sendSubscribe(st) {
+    st.sentAt = performance.now();
+    st.sock.write(clientFrame(JSON.stringify({ jsonrpc: "2.0", id: 5, method: "runs.subscribe",
+                                               params: { run_id: st.runId } })));
+  }
+
+  function fillPool() {
+    while (pool.length < poolTarget && !finished && !finishing) pool.push(openHost());
+  }
+
+  function closeStalled(st) {
+    if (st.closing) return;
+    st.closing = true;
+    if (st.runId !== null && !st.subscribed) stalled.aborted++;
+    stalledAll.delete(st);
+    const i = pool.indexOf(st);
+    if (i >= 0) pool.splice(i, 1);
+    st.sock.destroy();
+  }
+
+  // K subscribers to runId from the pool, remembered on conn; done() when
+  // all of them are subscribed.
+  function subscribeStalled(conn, runId, done) {
+    if (K === 0) {
+      if (done) done();
+      return;
+    }
+    let left = K;
+    const list = [];
+    conn.stalled.set(runId, list);
+    for (let i = 0; i < K; i++) {
+      const st = pool.length ? pool.shift() : openHost();
+      st.runId = runId;
+      st.onSubscribed = () => { if (--left === 0 && done) done(); };
+      if (st.ready) sendSubscribe(st);
+      list.push(st);
+    }
+    fillPool();
+  }
+
+  function releaseStalled(conn, runId) {
+    const list = conn.stalled.get(runId);
+    if (list === undefined) return;
+    conn.stalled.delete(runId);
+    for (const st of list) closeStalled(st);
+  }
 
   function record(lat) {
     if (nLat === latencies.length) {
@@ -178,12 +428,20 @@ function main() {
     finished = true;
     process.stderr.write(`loadgen: ${msg}\n`);
     for (const c of conns) c.ws.terminate();
+    for (const st of [...stalledAll]) closeStalled(st);
     clearTimeout(hardTimer);
     process.exitCode = 1;
   }
 
   function makeConn(index) {
-    const ws = new WebSocket(opts.url, { perMessageDeflate: false, handshakeTimeout: opts.connectTimeout * 1000 });
+    const ws = new WebSocket(opts.url, {
+      perMessageDeflate: false,
+      handshakeTimeout: opts.connectTimeout * 1000,
+      // --zero-mask 1: the all-zero masking key (legal); ws then writes the
+      // payload as is instead of masking it in JavaScript.  The daemon still
+      // unmasks (XOR with zero).
+      ...(opts.zeroMask ? { generateMask: (mask) => mask.fill(0) } : {}),
+    });
     const conn = {
       ws,
       phase: "connecting",
@@ -193,12 +451,14 @@ function main() {
       done: false,
       // runs mode:
       run: null, // current run: {id, reserved (turns sent to it), inFlight, retired}
-      spare: null, // a started, unused run id
+      spare: null, // a started, unused run: {id, ready (its subscribers are subscribed)}
+      gateSince: null, // when batches started waiting for the spare's subscribers
       startPending: false, // a runs.start is outstanding
       waiting: 0, // batches that could not be sent yet (no run with room)
       batchRun: new Map(), // batch request id -> its run object
       ctrl: new Map(), // control request id -> "start" | "complete"
       closing: false, // runs mode: drained of batches, completing the open runs
+      stalled: new Map(), // run id -> its stalled subscriber connections
     };
 
     // Start one operation: its first (or only) request.
@@ -257,7 +517,7 @@ function main() {
     // -- runs mode: run rollover --------------------------------------------
     const sendCtrl = (kind, method, params) => {
       const id = conn.nextId++;
-      conn.ctrl.set(id, kind);
+      conn.ctrl.set(id, { kind, runId: params.run_id });
       ws.send(JSON.stringify({ jsonrpc: "2.0", id, method, params }));
     };
     const requestStart = () => {
@@ -278,12 +538,18 @@ function main() {
         cur.retired = true;
         if (cur.inFlight === 0) completeRun(cur);
       }
-      if (conn.spare === null) {
+      if (conn.spare === null || !conn.spare.ready) {
+        // The gate: a run is used only once its stalled subscribers are
+        // subscribed, so they get every turn as a live event.
+        if (conn.spare !== null && conn.gateSince === null) {
+          conn.gateSince = performance.now();
+          stalled.gate_waits++;
+        }
         conn.run = null;
         requestStart();
         return null;
       }
-      conn.run = { id: conn.spare, reserved: 0, inFlight: 0, retired: false, completed: false };
+      conn.run = { id: conn.spare.id, reserved: 0, inFlight: 0, retired: false, completed: false };
       conn.spare = null;
       requestStart();
       return conn.run;
@@ -301,7 +567,7 @@ function main() {
       if (!conn.closing || conn.startPending) return; // a started run must be completed too
       if (conn.run !== null && !conn.run.completed && conn.run.inFlight === 0) completeRun(conn.run);
       if (conn.spare !== null) {
-        completeRun({ id: conn.spare });
+        completeRun({ id: conn.spare.id });
         conn.spare = null;
       }
       if (conn.ctrl.size === 0 && conn.phase === "load") {
@@ -309,7 +575,7 @@ function main() {
         maybeFinish();
       }
     };
-    const onCtrlReply = (kind, msg) => {
+    const onCtrlReply = ({ kind, runId }, msg) => {
       if (msg.error !== undefined || msg.result === undefined ||
           (kind === "start" && typeof (msg.result && msg.result.run_id) !== "string") ||
           (kind === "complete" && !(msg.result && msg.result.ok === true))) {
@@ -321,17 +587,27 @@ function main() {
       }
       if (kind === "complete") {
         runsCompleted++;
+        releaseStalled(conn, runId);
         maybeDrained();
         return;
       }
       runsStarted++;
       conn.startPending = false;
-      conn.spare = msg.result.run_id;
-      if (conn.closing) {
-        maybeDrained();
-        return;
+      const spare = { id: msg.result.run_id, ready: false };
+      conn.spare = spare;
+      subscribeStalled(conn, spare.id, () => {
+        spare.ready = true;
+        if (conn.spare === spare) releaseWaiting();
+      });
+      if (conn.closing) maybeDrained();
+    };
+    // Batches held back for want of a (subscribed) run go out now.
+    const releaseWaiting = () => {
+      if (conn.closing || conn.phase !== "load") return;
+      if (conn.gateSince !== null) {
+        stalled.gate_wait_ms += performance.now() - conn.gateSince;
+        conn.gateSince = null;
       }
-      // Batches held back for want of a run go out now.
       let n = conn.waiting;
       conn.waiting = 0;
       while (n-- > 0 && performance.now() < sendStop && budget > 0) send();
@@ -366,9 +642,9 @@ function main() {
       }
       if (conn.phase === "load") {
         if (runsMode && conn.ctrl.has(msg.id)) {
-          const kind = conn.ctrl.get(msg.id);
+          const ctrl = conn.ctrl.get(msg.id);
           conn.ctrl.delete(msg.id);
-          onCtrlReply(kind, msg);
+          onCtrlReply(ctrl, msg);
           return;
         }
         if (callbackMode && msg.method !== undefined) {
@@ -431,9 +707,13 @@ function main() {
         }
         runsStarted++;
         conn.run = { id: msg.result.run_id, reserved: 0, inFlight: 0, retired: false, completed: false };
-        conn.phase = "ready";
-        ready++;
-        if (ready === opts.conns) startLoad();
+        conn.phase = "subscribers";
+        subscribeStalled(conn, conn.run.id, () => {
+          if (conn.phase !== "subscribers") return;
+          conn.phase = "ready";
+          ready++;
+          if (ready === opts.conns) startLoad();
+        });
       } else if ((conn.phase === "handshake" && msg.id === 2) ||
                  (conn.phase === "register" && msg.id === 3)) {
         conn.phase = "ready";
@@ -475,17 +755,53 @@ function main() {
       // runs: a connection with nothing in flight (all batches waiting for
       // a run) would otherwise never wind down.
       if (runsMode) for (const c of conns) if (c.phase === "load") c.finishRuns();
-      setTimeout(() => report(true), opts.drain * 1000).unref();
+      setTimeout(() => finishUp(true), opts.drain * 1000).unref();
     }, measureEnd - t0 + 1).unref();
   }
 
   function maybeFinish() {
     if (finished) return;
     for (const c of conns) if (c.phase !== "drained") return;
-    report(false);
+    finishUp(false);
   }
 
-  function report(drainTimedOut) {
+  // With stalled subscribers: close the ones left, give the daemon a moment
+  // to see the closes, then ask it (bench.sub_stats, on a fresh host
+  // connection) how the subscriptions fared.
+  function finishUp(drainTimedOut) {
+    if (finished || finishing) return;
+    if (K === 0) return report(drainTimedOut, null);
+    finishing = true;
+    for (const st of [...stalledAll]) closeStalled(st);
+    setTimeout(() => {
+      const ws = new WebSocket(opts.url, { perMessageDeflate: false });
+      let stats = null;
+      const done = () => {
+        clearTimeout(timer);
+        ws.terminate();
+        finishing = false;
+        report(drainTimedOut, stats);
+      };
+      const timer = setTimeout(done, 5000);
+      ws.on("open", () => {
+        ws.send(JSON.stringify({ jsonrpc: "2.0", id: 0, method: "session.auth",
+                                 params: { host_token: opts.hostToken } }));
+        ws.send(handshakeFrame);
+        ws.send(JSON.stringify({ jsonrpc: "2.0", id: 6, method: "bench.sub_stats",
+                                 params: { reset: true } }));
+      });
+      ws.on("message", (data) => {
+        const msg = JSON.parse(data.toString());
+        if (msg.id === 6) {
+          stats = msg.result !== undefined ? msg.result : { error: msg.error };
+          done();
+        }
+      });
+      ws.on("error", () => done());
+    }, 300);
+  }
+
+  function report(drainTimedOut, subStats) {
     if (finished) return;
     finished = true;
     clearTimeout(hardTimer);
@@ -522,6 +838,15 @@ function main() {
       runs_started: runsMode ? runsStarted : null,
       runs_completed: runsMode ? runsCompleted : null,
       bad_record_replies: badRecord,
+      output_bytes: runsMode ? opts.outputBytes : null,
+      stalled_subscribers: runsMode ? K : null,
+      stalled: K > 0 ? (() => {
+        const ms = stalled.subscribe_ms.sort((a, b) => a - b);
+        const { subscribe_ms, ...counts } = stalled;
+        return { ...counts, subscribe_p50_ms: percentile(ms, 0.5),
+                 subscribe_max_ms: ms.length ? ms[ms.length - 1] : null };
+      })() : null,
+      sub_stats: subStats,
       errors,
       first_error: firstError,
       unexpected,
@@ -534,6 +859,7 @@ function main() {
     if (errors > 0 || closedEarly > 0) process.exitCode = 1;
   }
 
+  fillPool();
   for (let i = 0; i < opts.conns; i++) conns.push(makeConn(i));
 }
 

@@ -24,6 +24,10 @@ binds as an agent, opens runs and keeps ``runs.record_turns`` batches of
 B turns in flight (B from ``--batches``, default 1,256); the daemon acks a
 batch once its JSONL lines are written to the run file.  Reports turns/s,
 batches/s, ack latency and the bytes written (default shapes 1x1,4x4).
+``--stalled-subscribers 0,2`` adds, per value K, cells in which every run
+also gets K host connections that subscribe to it (``runs.subscribe``) and
+then never read; ``--reading-subscribers`` the control with subscribers
+that read everything; ``--output-bytes`` sizes each turn's output.
 
 Standard library only (plus ``node``/``npm`` on PATH).  See README.md.
 """
@@ -353,6 +357,7 @@ class RunFiles:
         self.root = root
         self.seen: dict[Path, int] = {}  # jsonl file -> bytes already counted
         self.summaries: set[Path] = set()
+        self.ended: set[Path] = set()  # jsonl files whose last record is "ended"
 
     def delta(self) -> dict:
         jsonl_bytes = lines = files = 0
@@ -369,6 +374,9 @@ class RunFiles:
                     jsonl_bytes += len(data)
                     lines += data.count(b"\n")
                     self.seen[path] = old + len(data)
+                    last = data.rstrip(b"\n").rsplit(b"\n", 1)[-1]
+                    if b'"record":"ended"' in last:
+                        self.ended.add(path)
             elif name.endswith(".summary.json") and path not in self.summaries:
                 self.summaries.add(path)
                 summary_new += 1
@@ -376,6 +384,24 @@ class RunFiles:
         return {"jsonl_bytes": jsonl_bytes, "jsonl_lines": lines, "jsonl_files_new": files,
                 "summary_files_new": summary_new, "summary_bytes_est": summary_bytes,
                 "bytes_written": jsonl_bytes + summary_bytes}
+
+    def discard(self) -> int:
+        """
+        Delete the files of ended runs (already counted; the daemon never
+        writes to an ended run again).  Deleting drops their dirty pages, so
+        gigabytes written by one run are not still being flushed, throttling
+        writers, during the next one.  @return: files deleted.
+        """
+        n = 0
+        for path in list(self.ended):
+            for victim in (path, path.with_suffix(".summary.json")):
+                try:
+                    victim.unlink()
+                    n += 1
+                except FileNotFoundError:
+                    pass
+            self.ended.discard(path)
+        return n
 
 
 # -- set-up ---------------------------------------------------------------------
@@ -428,6 +454,36 @@ def parse_batches(text: str) -> list[int]:
     if not sizes or any(not 1 <= b <= 256 for b in sizes):
         raise argparse.ArgumentTypeError("batch sizes must be 1..256 (the daemon's per-batch cap)")
     return sizes
+
+
+def parse_counts(text: str) -> list[int]:
+    try:
+        counts = [int(k) for k in text.split(",") if k.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad list {text!r}") from None
+    if any(not 0 <= k <= 64 for k in counts):
+        raise argparse.ArgumentTypeError("subscriber counts must be 0..64")
+    return counts
+
+
+def runs_cell(batch: int, subs: int, reading: bool) -> str:
+    """The mode string of a runs cell: ``runs:B``, ``runs:B:sK`` or ``runs:B:rK``."""
+    if subs == 0:
+        return f"runs:{batch}"
+    return f"runs:{batch}:{'r' if reading else 's'}{subs}"
+
+
+def parse_runs_cell(mode: str) -> tuple[int, int, bool]:
+    parts = mode.split(":")
+    if len(parts) == 2:
+        return int(parts[1]), 0, False
+    return int(parts[1]), int(parts[2][1:]), parts[2][0] == "r"
+
+
+def runs_label(batch: int, subs: int, reading: bool) -> str:
+    if subs == 0:
+        return f"B={batch}"
+    return f"B={batch} +{subs} {'reading' if reading else 'stalled'}"
 
 
 def parse_cpus(text: str) -> set[int]:
@@ -562,16 +618,23 @@ def summarize_callback(runs: list[dict], modes: list[str], shapes: list[tuple[in
     return {"rows": rows, "ratios": ratios}
 
 
-def summarize_runs(runs: list[dict], batches: list[int], shapes: list[tuple[int, int]]) -> dict:
-    """Medians per (batch size, shape) on the car server."""
+def summarize_runs(runs: list[dict], cells: list[str], shapes: list[tuple[int, int]]) -> dict:
+    """
+    Medians per (cell, shape) on the car server; a cell is a batch size
+    with 0, K stalled or K reading subscribers per run.  Ratios: every cell
+    with subscribers against the same batch size and shape without.
+    """
     rows = []
+    by_key: dict[tuple[str, str], dict] = {}
     for c, d in shapes:
         shape = f"{c}x{d}"
-        for b in batches:
-            mine = [r for r in runs if r["batch"] == b and r["shape"] == shape]
+        for mode in cells:
+            b, k, reading = parse_runs_cell(mode)
+            mine = [r for r in runs if r["mode"] == mode and r["shape"] == shape]
             if not mine:
                 continue
-            row = {"server": "car", "mode": "runs", "batch": b, "label": f"B={b}",
+            row = {"server": "car", "mode": mode, "batch": b, "subscribers": k,
+                   "subscribers_read": reading, "label": runs_label(b, k, reading),
                    "shape": shape, **_row(mine)}
             # _row's rps is batches/s; a batch of b turns is acked as a whole.
             row["batches_per_s"] = row["rps"]
@@ -584,8 +647,65 @@ def summarize_runs(runs: list[dict], batches: list[int], shapes: list[tuple[int,
             row["jsonl_bytes_per_turn"] = statistics.median(
                 r["files"]["jsonl_bytes"] / r["turns_acked"] for r in mine)
             row["runs_started"] = statistics.median(r["runs_started"] for r in mine)
+            row["ack_max_ms"] = statistics.median(r["max_ms"] for r in mine)
+            if k:
+                st = [r["stalled"] for r in mine]
+                ss = [r["sub_stats"] for r in mine if r.get("sub_stats")]
+                row["sub_connections"] = statistics.median(x["opened"] for x in st)
+                row["sub_subscribe_p50_ms"] = _median_or_none(x["subscribe_p50_ms"] for x in st)
+                row["sub_gate_waits"] = statistics.median(x["gate_waits"] for x in st)
+                row["sub_gate_wait_ms"] = statistics.median(x["gate_wait_ms"] for x in st)
+                row["sub_late_pct"] = statistics.median(
+                    100.0 * x["late"] / x["subscribed"] if x["subscribed"] else 0.0 for x in st)
+                row["sub_max_open"] = statistics.median(x["max_open"] for x in st)
+                if ss:
+                    tot = [_sub_totals(x) for x in ss]
+                    row["sub_dropping_pct"] = statistics.median(
+                        100.0 * t["dropping"] / t["subscriptions"] if t["subscriptions"] else 0.0
+                        for t in tot)
+                    row["sub_events_dropped"] = statistics.median(t["events_dropped"] for t in tot)
+                    row["sub_busy"] = statistics.median(t["busy"] for t in tot)
+                    row["sub_busy_dropping_pct"] = _median_or_none(
+                        100.0 * t["busy_dropping"] / t["busy"] if t["busy"] else None for t in tot)
+                    row["sub_busy_stuck_pct"] = _median_or_none(
+                        100.0 * t["busy_stuck"] / t["busy"] if t["busy"] else None for t in tot)
             rows.append(row)
-    return {"rows": rows, "ratios": []}
+            by_key[(mode, shape)] = row
+    ratios = []
+    for c, d in shapes:
+        shape = f"{c}x{d}"
+        for mode in cells:
+            b, k, reading = parse_runs_cell(mode)
+            base_mode = runs_cell(b, 0, False)
+            row, base = by_key.get((mode, shape)), by_key.get((base_mode, shape))
+            if k == 0 or row is None or base is None:
+                continue
+            paired = [
+                r["turns_per_s"] / o["turns_per_s"]
+                for r in runs if r["mode"] == mode and r["shape"] == shape
+                for o in runs if o["mode"] == base_mode and o["shape"] == shape
+                and o["round"] == r["round"]
+            ]
+            ut, ub = row["server_us_per_turn"], base["server_us_per_turn"]
+            ratios.append({
+                "shape": shape, "batch": b, "subscribers": k, "subscribers_read": reading,
+                "label": runs_label(b, k, reading),
+                "turns_per_s": row["turns_per_s"] / base["turns_per_s"],
+                "turns_per_s_paired_median": statistics.median(paired) if paired else None,
+                "turns_per_s_paired": paired,
+                "p50": row["p50_ms"] / base["p50_ms"],
+                "p99": row["p99_ms"] / base["p99_ms"],
+                "server_us_per_turn": ut / ub if ut and ub else None,
+            })
+    return {"rows": rows, "ratios": ratios}
+
+
+def _sub_totals(stats: dict) -> dict:
+    """bench.sub_stats: the closed subscriptions plus the live ones."""
+    closed, live = stats.get("closed") or {}, stats.get("live") or {}
+    return {key: closed.get(key, 0) + live.get(key, 0)
+            for key in ("subscriptions", "dropping", "events_dropped", "stuck", "busy",
+                        "busy_dropping", "busy_stuck")}
 
 
 def summarize(runs: list[dict], servers: list[str], shapes: list[tuple[int, int]]) -> dict:
@@ -686,7 +806,9 @@ def print_runs_table(summary: dict, args: argparse.Namespace, out=sys.stdout) ->
           f"{args.seconds:g}s measured after {args.warmup:g}s warm-up; ack = the batch's lines "
           f"written to the run file; latency per batch; spread = (max-min)/median of batches/s; "
           f"written = run files over the whole run (jsonl + summaries)", file=out)
-    header = (f"{'batch':<6} {'shape':>6} {'turns/s':>10} {'batches/s':>10} {'spread':>7} "
+    subs = any(row["subscribers"] for row in summary["rows"])
+    w = 20 if subs else 6
+    header = (f"{'batch':<{w}} {'shape':>6} {'turns/s':>10} {'batches/s':>10} {'spread':>7} "
               f"{'p50 ms':>8} {'p99 ms':>8} {'srv cpu':>8} {'us/batch':>9} {'us/turn':>8} "
               f"{'MB/s':>6} {'MB':>6} {'B/turn':>7} {'runs':>5}")
     print(header, file=out)
@@ -695,13 +817,55 @@ def print_runs_table(summary: dict, args: argparse.Namespace, out=sys.stdout) ->
         spread = f"{row['spread_pct']:.0f}%" if row["spread_pct"] is not None else "-"
         us = row["server_us_per_op"]
         ut = row["server_us_per_turn"]
-        print(f"{row['label']:<6} {row['shape']:>6} {row['turns_per_s']:>10.0f} "
+        print(f"{row['label']:<{w}} {row['shape']:>6} {row['turns_per_s']:>10.0f} "
               f"{row['batches_per_s']:>10.0f} {spread:>7} {row['p50_ms']:>8.3f} "
               f"{row['p99_ms']:>8.3f} {_pct(row['server_cpu_pct']):>8} "
               f"{(f'{us:.1f}' if us is not None else '-'):>9} "
               f"{(f'{ut:.2f}' if ut is not None else '-'):>8} "
               f"{row['bytes_per_s'] / 1e6:>6.1f} {row['bytes_written'] / 1e6:>6.1f} "
               f"{row['jsonl_bytes_per_turn']:>7.1f} {row['runs_started']:>5.0f}", file=out)
+    if subs:
+        print(file=out)
+        print("subscribers (per run of the load generator, medians): host connections opened, "
+              "most open at once, runs.subscribe p50, roll-overs that waited for the spare's "
+              "subscriptions and the total wait (all connections), % of subscriptions whose "
+              "queue overflowed (events dropped), events dropped; busy: subscriptions to runs "
+              "that got >= 1500 turns, % of those dropping, % of those stuck (output still backed "
+              "up at close: socket buffers full)", file=out)
+        header = (f"{'cell':<20} {'shape':>6} {'conns':>6} {'open':>5} {'sub ms':>7} "
+                  f"{'waits':>6} {'wait ms':>8} {'dropping':>9} {'dropped':>9} {'busy':>5} "
+                  f"{'drop':>5} {'stuck':>6}")
+        print(header, file=out)
+        print("-" * len(header), file=out)
+        for row in summary["rows"]:
+            if not row["subscribers"]:
+                continue
+            dp = row.get("sub_dropping_pct")
+            ed = row.get("sub_events_dropped")
+            sp = row.get("sub_subscribe_p50_ms")
+            bs, bd, bk = (row.get("sub_busy"), row.get("sub_busy_dropping_pct"),
+                          row.get("sub_busy_stuck_pct"))
+            print(f"{row['label']:<20} {row['shape']:>6} {row['sub_connections']:>6.0f} "
+                  f"{row['sub_max_open']:>5.0f} {(f'{sp:.1f}' if sp is not None else '-'):>7} "
+                  f"{row['sub_gate_waits']:>6.0f} {row['sub_gate_wait_ms']:>8.0f} "
+                  f"{(f'{dp:.0f}%' if dp is not None else '-'):>9} "
+                  f"{(f'{ed:.0f}' if ed is not None else '-'):>9} "
+                  f"{(f'{bs:.0f}' if bs is not None else '-'):>5} "
+                  f"{(f'{bd:.0f}%' if bd is not None else '-'):>5} "
+                  f"{(f'{bk:.0f}%' if bk is not None else '-'):>6}", file=out)
+    if summary["ratios"]:
+        print(file=out)
+        print("with subscribers / without (same batch size and shape): turns/s (medians), "
+              "turns/s (median of per-round pairs), ack p50, ack p99, server us/turn", file=out)
+        header = (f"{'cell':<20} {'shape':>6} {'turns/s':>8} {'paired':>8} {'p50':>6} "
+                  f"{'p99':>6} {'us/turn':>8}")
+        print(header, file=out)
+        print("-" * len(header), file=out)
+        for e in summary["ratios"]:
+            pm, ut = e["turns_per_s_paired_median"], e["server_us_per_turn"]
+            print(f"{e['label']:<20} {e['shape']:>6} {e['turns_per_s']:>8.2f} "
+                  f"{(f'{pm:.2f}' if pm is not None else '-'):>8} {e['p50']:>6.2f} "
+                  f"{e['p99']:>6.2f} {(f'{ut:.2f}' if ut is not None else '-'):>8}", file=out)
     print(file=out)
 
 
@@ -747,6 +911,18 @@ def main(argv: list[str] | None = None) -> int:
                         "runs.record_turns batches acked once written to the run file")
     p.add_argument("--batches", type=parse_batches, default=[1, 256],
                    help="with --scenario runs: comma-separated turns per batch (default 1,256)")
+    p.add_argument("--stalled-subscribers", type=parse_counts, default=[0], metavar="K,...",
+                   help="with --scenario runs: comma-separated counts of host connections per "
+                        "run that subscribe to it and never read (default 0; e.g. 0,2: both, "
+                        "round-robin)")
+    p.add_argument("--reading-subscribers", type=parse_counts, default=[], metavar="K,...",
+                   help="with --scenario runs: control cells, K subscribers per run that read "
+                        "(and discard) everything (default none)")
+    p.add_argument("--keep-run-files", action="store_true",
+                   help="with --scenario runs: keep the run files until the end (default: "
+                        "delete each run's files of ended runs once counted)")
+    p.add_argument("--output-bytes", type=int, default=1,
+                   help="with --scenario runs: characters in each turn's output (default 1)")
     p.add_argument("--modes", type=parse_modes, default=list(MODES),
                    help="with --scenario callback: comma-separated subset of "
                         "echo,echo2,callback (default all)")
@@ -803,6 +979,10 @@ def main(argv: list[str] | None = None) -> int:
             or args.retries < 0:
         p.error("--repeat and --max-requests must be >= 1, --seconds > 0, "
                 "--warmup and --retries >= 0")
+    if not 1 <= args.output_bytes <= 16384:
+        p.error("--output-bytes must be 1..16384 (the daemon truncates longer strings)")
+    if not runs_scn and (args.stalled_subscribers != [0] or args.reading_subscribers):
+        p.error("--stalled-subscribers and --reading-subscribers need --scenario runs")
     if args.profile is not None and "car" not in args.servers:
         p.error("--profile needs the car server in --servers")
 
@@ -825,6 +1005,8 @@ def main(argv: list[str] | None = None) -> int:
               f"other work on the machine will add noise", file=sys.stderr)
 
     token = secrets.token_hex(16)
+    host_token = secrets.token_hex(16)
+    with_subscribers = runs_scn and (any(args.stalled_subscribers) or any(args.reading_subscribers))
     log_dir = Path(tempfile.mkdtemp(prefix="car-bench-logs-"))
     # runs: the daemon's CAR_HOME is ours, so its run files can be measured.
     car_home = Path(tempfile.mkdtemp(prefix="car-bench-home-")) if runs_scn else None
@@ -843,6 +1025,8 @@ def main(argv: list[str] | None = None) -> int:
             extra = []
             if name == "car" and car_home is not None:
                 extra += ["--agent-token", token, "--car-home", str(car_home)]
+                if with_subscribers:
+                    extra += ["--host-token", host_token]
             if name == "car" and args.server_nodelay:
                 extra += ["--tcp-nodelay"]
             server = Server(name, args.python, token, log_dir, server_cpus, profile, extra)
@@ -852,7 +1036,10 @@ def main(argv: list[str] | None = None) -> int:
 
         # One cell = one server driven in one loadgen mode.
         if runs_scn:
-            cells = [("car", f"runs:{b}") for b in args.batches]
+            cells = [("car", runs_cell(b, k, False)) for b in args.batches
+                     for k in dict.fromkeys(args.stalled_subscribers)]
+            cells += [("car", runs_cell(b, k, True)) for b in args.batches
+                      for k in dict.fromkeys(args.reading_subscribers) if k]
         elif callback:
             cells = [("car", m) for m in args.modes]
         else:
@@ -866,10 +1053,17 @@ def main(argv: list[str] | None = None) -> int:
                 for name, mode in order:
                     server = servers[name]
                     if runs_scn:
-                        batch = int(mode.split(":")[1])
-                        label = f"runs B={batch}"
+                        batch, subs, reading = parse_runs_cell(mode)
+                        label = "runs " + runs_label(batch, subs, reading)
                         lg_mode, lg_extra = "runs", ["--batch", str(batch),
-                                                     "--run-limit", str(RUN_TURN_LIMIT)]
+                                                     "--run-limit", str(RUN_TURN_LIMIT),
+                                                     "--output-bytes", str(args.output_bytes)]
+                        if args.output_bytes > 1:
+                            lg_extra += ["--zero-mask", "1"]
+                        if subs:
+                            lg_extra += ["--stalled-subscribers", str(subs),
+                                         "--host-token", host_token,
+                                         "--subscribers-read", str(int(reading))]
                     else:
                         label = MODES[mode] if callback else server.label
                         lg_mode, lg_extra = mode, None
@@ -890,12 +1084,14 @@ def main(argv: list[str] | None = None) -> int:
                         server.check_alive()
                         if run_files is not None:
                             check_run_files(res, run_files.delta(), server)
+                            if not args.keep_run_files:
+                                res["files"]["deleted_after"] = run_files.discard()
                         other = res["other_cpu_pct"]
                         res["disturbed"] = other is not None and other > args.max_other
                         res["attempt"] = attempt + 1
                         turns = (f"{res['turns_per_s']:>9.0f} turns/s  {res['files']['bytes_written'] / 1e6:.1f} MB  "
                                  if runs_scn else "")
-                        print(f"[{n}/{total}] round {rnd + 1} {label:<17} {conns}x{depth}: "
+                        print(f"[{n}/{total}] round {rnd + 1} {label:<26} {conns}x{depth}: "
                               f"{turns}{res['rps']:>9.0f} {'batches/s' if runs_scn else 'rps'}  "
                               f"p50 {res['p50_ms']:.3f} ms  "
                               f"p99 {res['p99_ms']:.3f} ms  cpu: server {_pct(res['server_cpu_pct'])} "
@@ -906,6 +1102,8 @@ def main(argv: list[str] | None = None) -> int:
                     res.update(server=name, mode=mode, shape=f"{conns}x{depth}", round=rnd)
                     if runs_scn:
                         res["batch"] = batch
+                        res["subscribers"] = subs
+                        res["subscribers_read"] = reading
                     runs.append(res)
     except BenchError as e:
         failed = True
@@ -927,7 +1125,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"server logs kept in {log_dir}", file=sys.stderr)
         return 1
     if runs_scn:
-        summary = summarize_runs(runs, args.batches, args.shapes)
+        summary = summarize_runs(runs, [mode for _, mode in cells], args.shapes)
     elif callback:
         summary = summarize_callback(runs, args.modes, args.shapes)
     else:
@@ -946,8 +1144,12 @@ def main(argv: list[str] | None = None) -> int:
             "config": {
                 "scenario": args.scenario,
                 "modes": (args.modes if callback else
-                          [f"runs:{b}" for b in args.batches] if runs_scn else ["echo"]),
+                          [mode for _, mode in cells] if runs_scn else ["echo"]),
                 "batches": args.batches if runs_scn else None,
+                "stalled_subscribers": args.stalled_subscribers if runs_scn else None,
+                "reading_subscribers": args.reading_subscribers if runs_scn else None,
+                "output_bytes": args.output_bytes if runs_scn else None,
+                "keep_run_files": bool(args.keep_run_files) if runs_scn else None,
                 "run_turn_limit": RUN_TURN_LIMIT if runs_scn else None,
                 "shapes": [f"{c}x{d}" for c, d in args.shapes],
                 "seconds": args.seconds,

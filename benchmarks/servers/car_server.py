@@ -12,7 +12,12 @@ agent-identity provider: any agent id ``bench-<n>`` binds with that token
 without supervised agent processes.  Without it the daemon keeps its
 default identities (the supervisor, no agents), as before.  ``--car-home
 DIR`` puts ``CAR_HOME`` (run files under ``DIR/runs``) where the runner can
-measure it; the directory is then left in place.  ``--tcp-nodelay`` is a
+measure it; the directory is then left in place.  ``--host-token TOKEN``
+pins the host token (``ServerStateConfig(host_token=...)``; the daemon
+mints one per launch otherwise), so load connections can authenticate as
+the host role (``session.auth {host_token}``) and read any agent's runs
+(``runs.subscribe``); it also adds ``bench.sub_stats``, which reports how
+run-trace subscriptions fared (see ``SubStats``).  ``--tcp-nodelay`` is a
 what-if, not the daemon's behaviour: it sets ``TCP_NODELAY`` on every
 accepted socket (the daemon leaves Nagle on), by wrapping Twisted's
 ``tcp.Server``.
@@ -44,6 +49,7 @@ from zope.interface import implementer
 from car_twisted import CarPaths, MethodSpec, ServerState, ServerStateConfig, make_car_service
 from car_twisted.auth import tokens_equal
 from car_twisted.interfaces import IAgentIdentities
+from car_twisted.runs.registry import SUBSCRIBER_QUEUE
 from car_twisted.service import freeze_startup_heap
 
 
@@ -75,6 +81,82 @@ class BenchAgents:
             del self.attached[agent_id]
 
 
+class SubStats:
+    """
+    Counts, per run-trace subscription, whether its reader kept up: the
+    daemon queues at most ``SUBSCRIBER_QUEUE`` events for a connection whose
+    output is backed up (Twisted's write buffer for it over its limit, the
+    producer paused: ``session.write_paused``) and drops the rest.  Taken when a
+    subscribed connection closes (a wrapper around
+    ``RunRegistry.session_closed``, one call per closed connection, off the
+    record path) and, for the live ones, when ``bench.sub_stats`` is called.
+    ``stuck``: the connection's output was still backed up when it closed
+    (its socket buffers full: the load generator closes a run's subscribers
+    only after the run has ended, so a reader would have caught up).
+    ``busy``: subscriptions to runs that got at least ``BUSY_RUN_TURNS``
+    turns (the load generator's spare runs and the runs cut short by the
+    end of a measurement get fewer).
+    """
+
+    def __init__(self, state) -> None:
+        self.state = state
+        self.reset()
+        registry = state.runs
+        original = registry.session_closed
+
+        def session_closed(session):
+            self.closed_sessions += 1
+            self._add(self.closed, session)
+            original(session)
+
+        registry.session_closed = session_closed  # the on_close hooks look it up per call
+
+    def reset(self) -> None:
+        self.closed_sessions = 0
+        self.closed = self._zero()
+
+    @staticmethod
+    def _zero() -> dict:
+        return {"subscriptions": 0, "dropping": 0, "events_dropped": 0, "stuck": 0,
+                "busy": 0, "busy_dropping": 0, "busy_stuck": 0}
+
+    def _add(self, acc: dict, session) -> None:
+        for subs in self.state.runs._subscribers.values():
+            sub = subs.get(session.client_id)
+            if sub is None or sub.session is not session:
+                continue
+            meta = self.state.runs.runs.get(sub.run_id)
+            busy = meta is not None and meta.turn_count >= BUSY_RUN_TURNS
+            acc["subscriptions"] += 1
+            acc["dropping"] += sub.dropped > 0
+            acc["events_dropped"] += sub.dropped
+            acc["busy"] += busy
+            acc["busy_dropping"] += busy and sub.dropped > 0
+            # Output still backed up when the connection closes, although
+            # the load generator closes it only after the run has ended (no
+            # more events): the kernel buffers are full, nothing moves.
+            stuck = bool(session.write_paused)
+            acc["stuck"] += stuck
+            acc["busy_stuck"] += busy and stuck
+
+    def snapshot(self, session, params) -> dict:
+        live = self._zero()
+        seen = set()
+        for subs in self.state.runs._subscribers.values():
+            for sub in subs.values():
+                if id(sub.session) not in seen:
+                    seen.add(id(sub.session))
+                    self._add(live, sub.session)
+        out = {"closed_sessions": self.closed_sessions, "closed": self.closed, "live": live,
+               "subscriber_queue": SUBSCRIBER_QUEUE, "busy_run_turns": BUSY_RUN_TURNS}
+        if isinstance(params, dict) and params.get("reset"):
+            self.reset()
+        return out
+
+
+BUSY_RUN_TURNS = 1500
+
+
 def force_tcp_nodelay() -> None:
     """What-if: Nagle off on every accepted connection."""
     init = tcp.Server.__init__
@@ -92,6 +174,9 @@ def main() -> None:
     parser.add_argument("--token", required=True)
     parser.add_argument("--agent-token", default=None,
                         help="accept agent ids bench-<n> with this token (runs scenario)")
+    parser.add_argument("--host-token", default=None,
+                        help="pin the host token (runs scenario: stalled host subscribers); "
+                             "also adds bench.sub_stats")
     parser.add_argument("--car-home", default=None,
                         help="CAR_HOME to use (kept); default a temp dir removed on exit")
     parser.add_argument("--tcp-nodelay", action="store_true",
@@ -116,10 +201,17 @@ def main() -> None:
         config = ServerStateConfig(
             paths=CarPaths.resolve({"CAR_HOME": args.car_home or tmpdir}),
             auth_token=args.token,
+            host_token=args.host_token,
         ).with_methods(MethodSpec("bench.echo", echo))
+        stats: list[SubStats] = []
+        if args.host_token:
+            config = config.with_methods(
+                MethodSpec("bench.sub_stats", lambda session, params: stats[0].snapshot(session, params)))
         if args.agent_token:
             config = config.with_agent_identities(BenchAgents(args.agent_token))
         state = ServerState(config, reactor)
+        if args.host_token:
+            stats.append(SubStats(state))
         svc = make_car_service(state, reactor, [f"tcp:{args.port}:interface=127.0.0.1"])
         svc.startService()
         freeze_startup_heap()  # as `twist car` does once it is listening
