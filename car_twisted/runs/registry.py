@@ -37,11 +37,14 @@ from car_twisted.runs.model import (
     valid_key,
 )
 
-__all__ = ["RunRegistry", "MAX_PAGE_BYTES", "SUBSCRIBER_QUEUE"]
+__all__ = ["RunRegistry", "MAX_PAGE_BYTES", "SUBSCRIBER_BACKLOG_BYTES"]
 
 MAX_PAGE_BYTES = 8 * 1024 * 1024
-SUBSCRIBER_QUEUE = 128
-MAX_SUBSCRIPTIONS_PER_SESSION = 256
+# Events held for one subscriber while its socket is backed up: enough for
+# a whole 256-turn batch of ordinary turns, so a reader that keeps up loses
+# nothing; past it events are dropped and the client sees a cursor gap.
+SUBSCRIBER_BACKLOG_BYTES = 2 * 1024 * 1024
+MAX_SUBSCRIPTIONS_PER_SESSION = 64
 MAX_REMEMBERED_RUNS = 4096
 _BAD_TURNS = "runs.record_turns requires { run_id, turns: [RunTurn] }"
 
@@ -57,22 +60,26 @@ class _Subscriber:
         self.session = session
         self.run_id = run_id
         self.backlog: collections.deque[bytes] = collections.deque()
+        self.backlog_bytes = 0
         self.dropped = 0
 
     def push(self, frame: bytes) -> None:
         # Never wait for a slow reader: queue while its output is backed
-        # up, drop (the client sees a cursor gap) once the queue is full.
+        # up, drop (the client sees a cursor gap) once the backlog is full.
         if self.session.write_paused or self.backlog:
-            if len(self.backlog) >= SUBSCRIBER_QUEUE:
+            if self.backlog_bytes + len(frame) > SUBSCRIBER_BACKLOG_BYTES:
                 self.dropped += 1
                 return
             self.backlog.append(frame)
+            self.backlog_bytes += len(frame)
             return
         self.session.channel.send(frame)
 
     def drain(self) -> None:
         while self.backlog and not self.session.write_paused:
-            self.session.channel.send(self.backlog.popleft())
+            frame = self.backlog.popleft()
+            self.backlog_bytes -= len(frame)
+            self.session.channel.send(frame)
 
 
 class RunRegistry:

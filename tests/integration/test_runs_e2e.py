@@ -15,6 +15,7 @@ from twisted.internet import defer, task
 from zope.interface import implementer
 
 from car_twisted.interfaces import IAgentIdentities
+from car_twisted.runs.registry import SUBSCRIBER_BACKLOG_BYTES
 from car_twisted.runs.store import read_records
 from support import HOST_TOKEN, WsTestClient, free_port, port_open, start_server, until
 
@@ -127,7 +128,7 @@ async def test_subscriber_that_never_reads_does_not_hold_up_the_recorder(reactor
             assert reply["ok"]
         assert lazy_session.write_paused, "the lazy subscriber's output should have backed up"
         sub = server.state.runs._subscribers[run_id][lazy_session.client_id]
-        assert sub.dropped > 0 and len(sub.backlog) <= 128
+        assert sub.dropped > 0 and sub.backlog_bytes <= SUBSCRIBER_BACKLOG_BYTES
         lazy.protocol.transport.resumeProducing()
         await until(reactor, lambda: not sub.backlog and not lazy_session.write_paused, "the backlog to drain")
         # Not stalled: the next turn reaches it live.

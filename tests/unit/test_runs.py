@@ -9,6 +9,7 @@ from zope.interface.verify import verifyObject
 from car_twisted.interfaces import IRunStore
 from car_twisted.rpc.dispatch import Dispatcher
 from car_twisted.runs.model import MAX_TURN_BYTES, RECORD_TURNS_RUN_CEILING, bound_turn
+from car_twisted.runs.registry import SUBSCRIBER_BACKLOG_BYTES
 from car_twisted.runs.store import JsonlRunStore, read_records
 from support import HOST_TOKEN, TOKEN, FakeSink, make_state, request
 
@@ -266,16 +267,33 @@ def test_stalled_subscriber_drops_not_stalls(state):
     run_id = owner.result("runs.start", {"intent": "x"})["run_id"]
     host.result("runs.subscribe", {"run_id": run_id})
     host.session.write_paused = True  # its transport buffer is full
+    big = [{"prompt": "p", "output": "o" * 15_000}]
     for _ in range(200):
-        assert owner.result("runs.record_turns", {"run_id": run_id, "turns": turns(1)})["ok"]
+        assert owner.result("runs.record_turns", {"run_id": run_id, "turns": big})["ok"]
     assert host.events() == []
+    sub = state.runs._subscribers[run_id][host.session.client_id]
+    assert sub.backlog_bytes <= SUBSCRIBER_BACKLOG_BYTES and sub.dropped == 200 - len(sub.backlog)
     host.session.write_paused = False
     for hook in host.session.resume_hooks:
         hook()
     cursors = [e["cursor"] for e in host.events()]
-    assert cursors == list(range(1, 129))  # the backlog, then a gap the client detects
-    owner.result("runs.record_turns", {"run_id": run_id, "turns": turns(1)})
+    assert 100 < len(cursors) < 200
+    assert cursors == list(range(1, len(cursors) + 1))  # the backlog, then a gap the client detects
+    owner.result("runs.record_turns", {"run_id": run_id, "turns": big})
     assert host.events()[-1]["cursor"] == 201
+
+
+def test_a_reader_that_keeps_up_gets_a_whole_batch(state):
+    """A 256-turn batch fans out in one go; the backlog holds what the socket cannot take yet."""
+    owner, host = Conn(state, "ag-1"), Conn(state, host=True)
+    run_id = owner.result("runs.start", {"intent": "x"})["run_id"]
+    host.result("runs.subscribe", {"run_id": run_id})
+    host.session.write_paused = True  # the first frames filled the socket buffer
+    owner.result("runs.record_turns", {"run_id": run_id, "turns": [{"output": "o" * 2000}] * 256})
+    host.session.write_paused = False
+    for hook in host.session.resume_hooks:
+        hook()
+    assert [e["cursor"] for e in host.events()] == list(range(1, 257))
 
 
 def test_disconnect_drops_subscriptions(state):
