@@ -49,7 +49,7 @@ from zope.interface import implementer
 from car_twisted import CarPaths, MethodSpec, ServerState, ServerStateConfig, make_car_service
 from car_twisted.auth import tokens_equal
 from car_twisted.interfaces import IAgentIdentities
-from car_twisted.runs.registry import SUBSCRIBER_QUEUE
+from car_twisted.runs.registry import SUBSCRIBER_BACKLOG_BYTES
 from car_twisted.service import freeze_startup_heap
 
 
@@ -84,7 +84,7 @@ class BenchAgents:
 class SubStats:
     """
     Counts, per run-trace subscription, whether its reader kept up: the
-    daemon queues at most ``SUBSCRIBER_QUEUE`` events for a connection whose
+    daemon queues at most ``SUBSCRIBER_BACKLOG_BYTES`` of events for a connection whose
     output is backed up (Twisted's write buffer for it over its limit, the
     producer paused: ``session.write_paused``) and drops the rest.  Taken when a
     subscribed connection closes (a wrapper around
@@ -148,7 +148,7 @@ class SubStats:
                     seen.add(id(sub.session))
                     self._add(live, sub.session)
         out = {"closed_sessions": self.closed_sessions, "closed": self.closed, "live": live,
-               "subscriber_queue": SUBSCRIBER_QUEUE, "busy_run_turns": BUSY_RUN_TURNS}
+               "subscriber_backlog_bytes": SUBSCRIBER_BACKLOG_BYTES, "busy_run_turns": BUSY_RUN_TURNS}
         if isinstance(params, dict) and params.get("reset"):
             self.reset()
         return out
