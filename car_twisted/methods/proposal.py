@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any, Iterable
 
 import attrs
+from twisted.internet.defer import ensureDeferred
 from zope.interface import implementer
 
 from car_twisted.errors import InvalidParams, RpcError
@@ -93,9 +94,12 @@ class ProposalMethods:
             policies=policies,
             session_id=p.session_id,
         )
-        def note_halt(result: Any) -> Any:
+        def finish(result: Any) -> Any:
             if result.halted is not None:
                 runtime.halted = result.halted
-            return result
+            # Record into the session's current run before answering, so
+            # the trace is complete by the time the client sees the result.
+            d = ensureDeferred(self.state.runs.record_proposal(session, proposal, result))
+            return d.addCallback(lambda _: result)
 
-        return engine.run(proposal).addCallback(note_halt)
+        return engine.run(proposal).addCallback(finish)

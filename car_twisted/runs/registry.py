@@ -247,6 +247,41 @@ class RunRegistry:
             self._fan_out(meta, record, record["index"] + 1)
         return {"run_id": meta.run_id, "base_index": outcome.base_index, "count": outcome.count, "ok": True}
 
+    async def record_proposal(self, session: Any, proposal: Any, result: Any) -> None:
+        """
+        The proposal recorder: each action that was attempted or rejected
+        becomes a turn of the session's current run, through the same
+        append path (ownership, bounds, ceiling) as ``runs.record_turns``.
+        A session without a current run it owns records nothing.
+        """
+        run_id = session.current_run
+        if run_id is None:
+            return
+        actions = {a.id: a for a in proposal.actions}
+        turns = []
+        for res in result.results:
+            if res.status == "skipped":
+                continue
+            action = actions[res.action_id]
+            turn = {
+                "action_id": res.action_id,
+                "tool": action.tool or action.type,
+                "parameters": action.parameters,
+                "output": res.output,
+                "status": res.status,
+                "proposal_id": result.proposal_id,
+            }
+            if res.error is not None:
+                turn["error"] = res.error
+            if res.status == "rejected" and (res.error or "").startswith("denied by policy"):
+                turn["policy_rejected"] = True
+            turns.append(turn)
+        for start in range(0, len(turns), MAX_TURNS_PER_BATCH):
+            try:
+                await self.record(session, run_id, turns[start : start + MAX_TURNS_PER_BATCH])
+            except RpcError:
+                return  # logged by record(); the proposal's own answer stands
+
     # -- runs.complete and the grace window ---------------------------------------------------------
 
     async def complete(self, session: Any, run_id: str, outcome: Any) -> dict[str, Any]:

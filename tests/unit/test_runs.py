@@ -319,3 +319,32 @@ def test_torn_last_line_reads_incomplete(state, tmp_path):
     assert trace["records"][-1]["status"] == "incomplete"
     (summary,) = host.result("runs.list", {"agent_id": "ag-1"})["runs"]
     assert summary["status"] == "incomplete" and summary["turn_count"] == 2
+
+
+def test_proposals_are_recorded_into_the_current_run(state, tmp_path):
+    """A bound agent's proposal lands in its current run as turns, before the proposal answers."""
+    from car_twisted.interfaces import IToolExecutor
+    from car_twisted.testing import FakeToolExecutor
+
+    agent = Conn(state, "ag-1")
+    agent.session._components[IToolExecutor] = FakeToolExecutor({"echo": lambda c: {"echo": c.parameters}})
+    agent.result("tools.register", [{"name": "echo"}, {"name": "shell"}])
+    agent.result("policy.register", {"name": "no_shell", "rule": "deny_tool", "target": "shell"})
+    run_id = agent.result("runs.start", {"intent": "work"})["run_id"]
+    result = agent.result("proposal.submit", {"proposal": {"actions": [
+        {"id": "a1", "type": "tool_call", "tool": "echo", "parameters": {"x": 1}},
+        {"id": "a2", "type": "tool_call", "tool": "shell", "failure_behavior": "skip"},
+    ]}})
+    assert [r["status"] for r in result["results"]] == ["succeeded", "rejected"]
+    records = read_records(tmp_path / "car-home" / "runs" / "ag-1" / f"{run_id}.jsonl")
+    turns = [r for r in records if r["record"] == "turn"]
+    assert [(t["index"], t["action_id"], t["status"]) for t in turns] == [(0, "a1", "succeeded"), (1, "a2", "rejected")]
+    assert turns[0]["output"] == {"echo": {"x": 1}} and turns[0]["proposal_id"] == result["proposal_id"]
+    assert turns[1]["policy_rejected"] is True
+    # An unbound connection's proposal records nothing (runs are owner-bound).
+    plain = Conn(state)
+    plain.result("tools.register", [{"name": "echo"}])
+    plain.session._components[IToolExecutor] = FakeToolExecutor({"echo": lambda c: 1})
+    plain.session.current_run = run_id
+    plain.result("proposal.submit", {"proposal": {"actions": [{"id": "b", "type": "tool_call", "tool": "echo"}]}})
+    assert state.runs.runs[run_id].turn_count == 2
