@@ -34,7 +34,7 @@ from car_twisted.agents.manifest import (
     save_manifest,
     validate_command,
 )
-from car_twisted.auth import mint_token, tokens_equal
+from car_twisted.auth import mint_token, tokens_equal, write_secret_file
 from car_twisted.errors import AgentAlreadyAttached, InvalidParams, RpcError
 from car_twisted.interfaces import IAgentIdentities
 
@@ -45,6 +45,8 @@ DEFAULT_STOP_GRACE_SECS = 10.0
 MAX_BACKOFF_SECS = 300.0
 # A run this long counts as healthy: the next failure backs off from scratch.
 STABLE_RUN_SECS = 30.0
+# How often an agent blocked by a survivor of an earlier daemon is rechecked.
+SURVIVOR_RECHECK_SECS = 5.0
 
 
 @attrs.define(eq=False)
@@ -61,6 +63,7 @@ class _Agent:
     restart_timer: Any = None
     kill_timer: Any = None
     stopping: bool = False
+    blocked_by_pid: int | None = None
     exit_waiters: list[Deferred] = attrs.field(factory=list)
 
     @property
@@ -118,6 +121,7 @@ class Supervisor:
         self.reactor = reactor
         self.manifest_path = home / "agents.json"
         self.logs_dir = home / "logs" / "agents"
+        self.pids_dir = home / "run" / "agents"
         self.environ = os.environ if environ is None else environ
         self.stop_grace = stop_grace
         self.log_max_bytes = log_max_bytes
@@ -196,6 +200,7 @@ class Supervisor:
             "started_at": iso_utc(agent.started_at) if agent.started_at is not None else None,
             "attached": session is not None,
             "session_id": session.client_id if session is not None else None,
+            **({"blocked_by_pid": agent.blocked_by_pid} if agent.blocked_by_pid is not None else {}),
         }
 
     def list(self) -> list[dict[str, Any]]:
@@ -301,6 +306,29 @@ class Supervisor:
             env["CAR_DAEMON_URL"] = self.daemon_url
         return env
 
+    def _pid_file(self, agent_id: str) -> Path:
+        return self.pids_dir / f"{agent_id}.pid"
+
+    def _survivor(self, agent: _Agent) -> int | None:
+        """
+        A process an earlier daemon started for this agent that is still
+        running its command (it outlived that daemon): starting another
+        would run the agent twice.  A stale pid file is removed.
+        """
+        path = self._pid_file(agent.spec.id)
+        try:
+            pid = int(path.read_text().strip())
+            exe = os.path.realpath(os.readlink(f"/proc/{pid}/exe"))
+        except (OSError, ValueError):
+            exe = None
+        if exe is None or exe != os.path.realpath(agent.spec.command):
+            try:
+                path.unlink()
+            except OSError:
+                pass
+            return None
+        return pid
+
     def _spawn(self, agent: _Agent) -> None:
         spec = agent.spec
         problem = validate_command(spec.command)
@@ -308,6 +336,20 @@ class Supervisor:
             self._log.error("agent {agent_id} cannot start: {problem}", agent_id=spec.id, problem=problem)
             self._set(agent, "errored")
             return
+        survivor = self._survivor(agent)
+        if survivor is not None:
+            if agent.blocked_by_pid != survivor:
+                self._log.warn(
+                    "agent {agent_id} is still running as pid {pid} from an earlier daemon; "
+                    "waiting for it to exit before starting another",
+                    agent_id=spec.id,
+                    pid=survivor,
+                )
+            agent.blocked_by_pid = survivor
+            self._set(agent, "backoff")
+            agent.restart_timer = self.reactor.callLater(SURVIVOR_RECHECK_SECS, self._restart_due, agent)
+            return
+        agent.blocked_by_pid = None
         self._set(agent, "starting")
         child = _Child(self, agent)
         try:
@@ -322,6 +364,10 @@ class Supervisor:
         agent.process, agent.protocol = process, child
         agent.pid = process.pid
         agent.started_at = self.reactor.seconds()
+        try:
+            write_secret_file(self._pid_file(spec.id), str(agent.pid))
+        except OSError:
+            self._log.failure("cannot record the pid of agent {agent_id}", agent_id=spec.id)
         self._set(agent, "running")
         self._log.info("agent {agent_id} started (pid {pid})", agent_id=spec.id, pid=agent.pid)
 
@@ -367,6 +413,10 @@ class Supervisor:
         agent.process = agent.protocol = None
         agent.pid = None
         agent.last_exit_code = exit_code
+        try:
+            self._pid_file(agent.spec.id).unlink()
+        except OSError:
+            pass
         if agent.kill_timer is not None and agent.kill_timer.active():
             agent.kill_timer.cancel()
         agent.kill_timer = None

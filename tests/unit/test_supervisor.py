@@ -367,3 +367,25 @@ def test_scratch_directory_binaries_refused(tmp_path):
 def test_interpreter_is_frozen_into_command():
     s = parse_agent_spec({"id": "a", "interpreter": "sh"}, {"PATH": "/usr/bin:/bin"})
     assert os.path.isabs(s.command) and s.command.endswith("/sh") and s.interpreter == "sh"
+
+
+def test_survivor_of_an_earlier_daemon_blocks_a_second_copy(sup, reactor, tmp_path):
+    """A live process recorded for the agent by an earlier daemon is not started twice."""
+    import subprocess
+
+    sup.upsert(spec())
+    pid_file = tmp_path / "home" / "run" / "agents" / "a1.pid"
+    pid_file.parent.mkdir(parents=True, exist_ok=True)
+    pid_file.write_text(str(os.getpid()))  # this very interpreter: alive, same executable
+    out = sup.start("a1")
+    assert out["status"] == "backoff" and out["blocked_by_pid"] == os.getpid()
+    assert reactor.spawned == []
+    dead = subprocess.Popen([PYTHON, "-c", "pass"])
+    dead.wait()
+    pid_file.write_text(str(dead.pid))  # the survivor is gone now
+    reactor.advance(5)
+    agent = sup.list()[0]
+    assert agent["status"] == "running" and "blocked_by_pid" not in agent
+    assert pid_file.read_text().strip() == str(last(reactor).pid)
+    last(reactor).die(code=0)
+    assert not pid_file.exists()
