@@ -32,7 +32,6 @@ class CarPaths:
     home: Path
     token_dir: Path
     socket_dir: Path
-    home_overridden: bool = False
 
     @classmethod
     def resolve(
@@ -55,7 +54,6 @@ class CarPaths:
                 home=home,
                 token_dir=home / TOKEN_DIR_NAME,
                 socket_dir=home / "run",
-                home_overridden=True,
             )
         home = user_home / ".car"
         xdg = environ.get("XDG_RUNTIME_DIR")

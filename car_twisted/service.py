@@ -76,16 +76,6 @@ def unix_path(description: str) -> Path | None:
     return Path(path.replace("\\:", ":").replace("\\\\", "\\"))
 
 
-def tcp_port(description: str) -> int | None:
-    parts = _split(description)
-    if parts[0].strip().lower() not in ("tcp", "tcp6") or len(parts) < 2:
-        return None
-    raw = parts[1]
-    if raw.startswith("port="):
-        raw = raw[len("port=") :]
-    return int(raw) if raw.isdigit() else None
-
-
 def _socket_is_live(path: Path) -> bool:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:

@@ -132,9 +132,9 @@ class RunRegistry:
             sub.push(frame)
 
     def _persist(self, meta: RunMeta, records: list[dict[str, Any]]) -> Any:
+        """Lifecycle records (started, ended): the record, then the summary."""
         d = self.store.append(meta.agent_id, meta.run_id, records)
-        d.addCallback(lambda _: self.store.write_summary(meta.summary()) if records[-1]["record"] != "turn" else None)
-        return d
+        return d.addCallback(lambda _: self.store.write_summary(meta.summary()))
 
     # -- runs.start ------------------------------------------------------------------------
 

@@ -87,7 +87,7 @@ class WsChannel:
         rid = request_id if request_id is not None else self.next_id()
 
         def forget(d: Deferred) -> None:
-            self._discard(rid)
+            self._pop(rid)
 
         d: Deferred = Deferred(forget)
         if self.closed:
@@ -144,9 +144,6 @@ class WsChannel:
         if entry is not None and entry.timer is not None and entry.timer.active():
             entry.timer.cancel()
         return entry
-
-    def _discard(self, rid: str) -> None:
-        self._pop(rid)
 
     def _fail(self, rid: str, exc: Exception) -> None:
         entry = self._pop(rid)

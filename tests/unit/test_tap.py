@@ -13,7 +13,6 @@ from car_twisted import tap
 from car_twisted.service import (
     CarDaemonService,
     secure_endpoint_description,
-    tcp_port,
     unix_path,
     unix_socket_description,
 )
@@ -81,8 +80,6 @@ def test_endpoint_strings():
     assert secure_endpoint_description("unix:address=/tmp/a.sock:lockfile=1") == "unix:address=/tmp/a.sock:lockfile=1:mode=600"
     assert secure_endpoint_description("tcp:9100:interface=127.0.0.1") == "tcp:9100:interface=127.0.0.1"
     assert unix_path("unix:address=/tmp/a.sock:lockfile=1") == __import__("pathlib").Path("/tmp/a.sock")
-    assert tcp_port("tcp:port=9200:interface=127.0.0.1") == 9200
-    assert tcp_port("unix:/x") is None
     d = unix_socket_description(__import__("pathlib").Path("/tmp/a:b.sock"))
     assert d == "unix:/tmp/a\\:b.sock:mode=600:lockfile=1"
     assert unix_path(d) == __import__("pathlib").Path("/tmp/a:b.sock")
