@@ -250,6 +250,9 @@ class CarDaemonService(MultiService):
         else:
             listen = [f"tcp:{self.port}:interface=127.0.0.1", "unix-default"]
         try:
+            # Tokens first: a client that sees the port open must never read
+            # a stale token file left behind by a daemon that crashed.
+            self._publish_tokens()
             for description in listen:
                 if description == "unix-default":
                     description = self._default_socket_description()
@@ -260,7 +263,6 @@ class CarDaemonService(MultiService):
                 self.getServiceNamed(
                     secure_endpoint_description(description)
                 ).startService()
-            self._publish_tokens()
             engines = EnginesService(self.state)
             engines.setServiceParent(self)
             engines.startService()

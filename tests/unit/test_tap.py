@@ -74,6 +74,45 @@ def test_make_service_defaults(tmp_path, monkeypatch):
     assert not token_file.exists()
 
 
+class _TokenCheckingReactor(MemoryReactorClock):
+    """Records what the token files held at the moment each listener bound."""
+
+    def __init__(self, token_dir):
+        super().__init__()
+        self.token_dir = token_dir
+        self.seen_at_listen = []
+
+    def listenTCP(self, port, factory, backlog=50, interface=""):
+        self.seen_at_listen.append(
+            {n: (self.token_dir / n).read_text().strip() if (self.token_dir / n).exists() else None
+             for n in ("auth-token", "host-token")}
+        )
+        return super().listenTCP(port, factory, backlog, interface)
+
+
+def test_tokens_are_current_before_any_listener_binds(tmp_path, monkeypatch):
+    """After a crash the old token files remain; a client that sees the port
+    open must read this launch's tokens, never the dead daemon's."""
+    home = tmp_path / "home"
+    token_dir = home / "ai.parslee.car"
+    token_dir.mkdir(parents=True)
+    for name in ("auth-token", "host-token"):
+        (token_dir / name).write_text("stale-from-a-killed-daemon\n")
+    monkeypatch.setenv("CAR_HOME", str(home))
+    monkeypatch.delenv("CAR_AUTH_TOKEN", raising=False)
+    opts = tap.Options()
+    opts.parseOptions(["--listen", "tcp:9100:interface=127.0.0.1"])
+    reactor = _TokenCheckingReactor(token_dir)
+    service = tap.makeService(opts, reactor)
+    service.startService()
+    try:
+        assert reactor.seen_at_listen == [
+            {"auth-token": service.state.auth_token, "host-token": service.state.host_token}
+        ]
+    finally:
+        service.stopService()
+
+
 def test_endpoint_strings():
     assert secure_endpoint_description("unix:/tmp/a.sock") == "unix:/tmp/a.sock:mode=600"
     assert secure_endpoint_description("unix:/tmp/a.sock:mode=660") == "unix:/tmp/a.sock:mode=660"
