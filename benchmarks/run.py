@@ -52,6 +52,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable, Sequence
 
 HERE = Path(__file__).resolve().parent
 LOADGEN = HERE / "loadgen.js"
@@ -428,22 +429,18 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
     return shapes
 
 
-def parse_servers(text: str) -> list[str]:
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    unknown = [n for n in names if n not in SERVERS]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(
-            f"unknown server(s) {', '.join(unknown)}; choose from {', '.join(SERVERS)}")
-    return names
+def choice_list(what: str, choices: Sequence[str]) -> Callable[[str], list[str]]:
+    """An argparse type: a comma list of names, each one of C{choices}."""
 
+    def parse(text: str) -> list[str]:
+        names = [n.strip() for n in text.split(",") if n.strip()]
+        unknown = [n for n in names if n not in choices]
+        if unknown or not names:
+            raise argparse.ArgumentTypeError(
+                f"unknown {what}(s) {', '.join(unknown)}; choose from {', '.join(choices)}")
+        return names
 
-def parse_modes(text: str) -> list[str]:
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    unknown = [n for n in names if n not in MODES]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(
-            f"unknown mode(s) {', '.join(unknown)}; choose from {', '.join(MODES)}")
-    return names
+    return parse
 
 
 def parse_batches(text: str) -> list[int]:
@@ -923,7 +920,7 @@ def main(argv: list[str] | None = None) -> int:
                         "delete each run's files of ended runs once counted)")
     p.add_argument("--output-bytes", type=int, default=1,
                    help="with --scenario runs: characters in each turn's output (default 1)")
-    p.add_argument("--modes", type=parse_modes, default=list(MODES),
+    p.add_argument("--modes", type=choice_list("mode", MODES), default=list(MODES),
                    help="with --scenario callback: comma-separated subset of "
                         "echo,echo2,callback (default all)")
     p.add_argument("--shapes", type=parse_shapes, default=None,
@@ -932,7 +929,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=4.0, help="measured seconds per run (default 4)")
     p.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds first (default 1)")
     p.add_argument("--repeat", type=int, default=3, help="round-robin rounds (default 3)")
-    p.add_argument("--servers", type=parse_servers, default=None,
+    p.add_argument("--servers", type=choice_list("server", SERVERS), default=None,
                    help="comma-separated subset of car,autobahn,websockets (default all; "
                         "--scenario callback uses car only)")
     p.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON")
