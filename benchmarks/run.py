@@ -572,6 +572,23 @@ def _row(mine: list[dict]) -> dict:
     }
 
 
+def _cell_runs(runs: list[dict], field: str, name: str, shape: str) -> list[dict]:
+    """The runs of one cell: C{field} (server or mode) is C{name}, at C{shape}."""
+    return [r for r in runs if r[field] == name and r["shape"] == shape]
+
+
+def _paired_ratios(runs: list[dict], field: str, subject: str, base: str, shape: str,
+                   metric: str) -> list[float]:
+    """
+    C{metric} of C{subject} over C{base}, one ratio per round both ran:
+    robust against slow drift of the machine.
+    """
+    bases = _cell_runs(runs, field, base, shape)
+    return [r[metric] / o[metric]
+            for r in _cell_runs(runs, field, subject, shape)
+            for o in bases if o["round"] == r["round"]]
+
+
 def summarize_callback(runs: list[dict], modes: list[str], shapes: list[tuple[int, int]]) -> dict:
     """Medians per (mode, shape) on the car server, and callback/echo ratios."""
     rows = []
@@ -579,7 +596,7 @@ def summarize_callback(runs: list[dict], modes: list[str], shapes: list[tuple[in
     for c, d in shapes:
         shape = f"{c}x{d}"
         for mode in modes:
-            mine = [r for r in runs if r["mode"] == mode and r["shape"] == shape]
+            mine = _cell_runs(runs, "mode", mode, shape)
             if not mine:
                 continue
             row = {"server": "car", "mode": mode, "label": MODES[mode], "shape": shape,
@@ -603,12 +620,7 @@ def summarize_callback(runs: list[dict], modes: list[str], shapes: list[tuple[in
             if cb["server_us_per_op"] and other["server_us_per_op"]:
                 entry[f"callback/{base}_server_cpu_per_op"] = (
                     cb["server_us_per_op"] / other["server_us_per_op"])
-            paired = [
-                r["rps"] / o["rps"]
-                for r in runs if r["mode"] == "callback" and r["shape"] == shape
-                for o in runs if o["mode"] == base and o["shape"] == shape
-                and o["round"] == r["round"]
-            ]
+            paired = _paired_ratios(runs, "mode", "callback", base, shape, "rps")
             if paired:
                 entry[f"callback/{base}_rps_paired_median"] = statistics.median(paired)
         ratios.append(entry)
@@ -627,7 +639,7 @@ def summarize_runs(runs: list[dict], cells: list[str], shapes: list[tuple[int, i
         shape = f"{c}x{d}"
         for mode in cells:
             b, k, reading = parse_runs_cell(mode)
-            mine = [r for r in runs if r["mode"] == mode and r["shape"] == shape]
+            mine = _cell_runs(runs, "mode", mode, shape)
             if not mine:
                 continue
             row = {"server": "car", "mode": mode, "batch": b, "subscribers": k,
@@ -677,12 +689,7 @@ def summarize_runs(runs: list[dict], cells: list[str], shapes: list[tuple[int, i
             row, base = by_key.get((mode, shape)), by_key.get((base_mode, shape))
             if k == 0 or row is None or base is None:
                 continue
-            paired = [
-                r["turns_per_s"] / o["turns_per_s"]
-                for r in runs if r["mode"] == mode and r["shape"] == shape
-                for o in runs if o["mode"] == base_mode and o["shape"] == shape
-                and o["round"] == r["round"]
-            ]
+            paired = _paired_ratios(runs, "mode", mode, base_mode, shape, "turns_per_s")
             ut, ub = row["server_us_per_turn"], base["server_us_per_turn"]
             ratios.append({
                 "shape": shape, "batch": b, "subscribers": k, "subscribers_read": reading,
@@ -711,7 +718,7 @@ def summarize(runs: list[dict], servers: list[str], shapes: list[tuple[int, int]
     for c, d in shapes:
         shape = f"{c}x{d}"
         for name in servers:
-            mine = [r for r in runs if r["server"] == name and r["shape"] == shape]
+            mine = _cell_runs(runs, "server", name, shape)
             if not mine:
                 continue
             row = {"server": name, "label": SERVERS[name][0], "shape": shape, **_row(mine)}
@@ -729,13 +736,7 @@ def summarize(runs: list[dict], servers: list[str], shapes: list[tuple[int, int]
             if other is None:
                 continue
             entry[f"car/{base}"] = car["rps"] / other["rps"]
-            # Paired per-round ratios: robust against slow drift of the machine.
-            paired = []
-            for r in runs:
-                if r["server"] == "car" and r["shape"] == shape:
-                    for o in runs:
-                        if o["server"] == base and o["shape"] == shape and o["round"] == r["round"]:
-                            paired.append(r["rps"] / o["rps"])
+            paired = _paired_ratios(runs, "server", "car", base, shape, "rps")
             if paired:
                 entry[f"car/{base}_paired_median"] = statistics.median(paired)
         ratios.append(entry)
