@@ -23,6 +23,8 @@ __all__ = [
     "AdapterRegistration",
     "DEFAULT_HANDLER_TIMEOUT_SECS",
     "DEFAULT_MAX_MESSAGE_BYTES",
+    "DEFAULT_PREAUTH_MESSAGE_BYTES",
+    "DEFAULT_MAX_JSON_DEPTH",
 ]
 
 DEFAULT_HANDLER_TIMEOUT_SECS = 30 * 60.0
@@ -30,6 +32,11 @@ DEFAULT_HANDLER_TIMEOUT_SECS = 30 * 60.0
 # timeout_ms; CAR_TOOL_TIMEOUT (seconds) overrides it.
 DEFAULT_TOOL_TIMEOUT_MS = 300_000
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+# Until a connection authenticates, every message it sends is capped here.
+DEFAULT_PREAUTH_MESSAGE_BYTES = 8 * 1024
+# Deepest JSON nesting accepted in any message (orjson itself stops at 255
+# when encoding; replies wrap values a few levels deeper).
+DEFAULT_MAX_JSON_DEPTH = 128
 
 
 def _provides(iface: type[Interface]) -> Callable[[Any, Any, Any], None]:
@@ -87,7 +94,22 @@ class ServerStateConfig:
     @ivar max_batch: largest JSON-RPC batch.
     @ivar max_in_flight: concurrent unfinished requests per connection.
     @ivar max_connections: concurrent WebSocket connections (503 beyond).
-    @ivar auth_timeout: seconds an unauthenticated connection may idle.
+    @ivar auth_timeout: seconds from TCP accept until a connection must have
+        authenticated (the HTTP upgrade included).
+    @ivar max_preauth_connections: connections not yet authenticated, in
+        all; past it the oldest unauthenticated one is dropped.
+    @ivar max_preauth_per_peer: the same, per peer address.
+    @ivar max_preauth_message_bytes: largest message before auth (1009).
+    @ivar max_json_depth: deepest nesting in any message (``-32600``).
+    @ivar max_state_bytes: ``state.*`` bytes one connection may hold.
+    @ivar max_state_bytes_total: ``state.*`` bytes all connections may hold.
+    @ivar max_output_backlog_bytes: bytes written to a client that has
+        stopped reading before it is dropped.
+    @ivar max_open_runs_per_agent / max_open_runs_per_connection: runs
+        started and not yet ended.
+    @ivar run_store_max_bytes: the run store's quota on disk.
+    @ivar run_retention_per_agent / run_retention_total: ended runs kept;
+        the oldest beyond these are pruned.
     @ivar max_auth_failures: wrong tokens tolerated on one connection.
     @ivar ping_interval / ping_timeout: WebSocket keep-alive, seconds.
     @ivar write_stall_timeout: seconds a connection may refuse to read our
@@ -123,7 +145,19 @@ class ServerStateConfig:
     max_batch: int = 256
     max_in_flight: int = 1024
     max_connections: int = 1024
-    auth_timeout: float = 30.0
+    auth_timeout: float = 5.0
+    max_preauth_connections: int = 128
+    max_preauth_per_peer: int = 64
+    max_preauth_message_bytes: int = DEFAULT_PREAUTH_MESSAGE_BYTES
+    max_json_depth: int = DEFAULT_MAX_JSON_DEPTH
+    max_state_bytes: int = 16 * 1024 * 1024
+    max_state_bytes_total: int = 256 * 1024 * 1024
+    max_output_backlog_bytes: int = 32 * 1024 * 1024
+    max_open_runs_per_agent: int = 16
+    max_open_runs_per_connection: int = 16
+    run_store_max_bytes: int = 1024 * 1024 * 1024
+    run_retention_per_agent: int = 1000
+    run_retention_total: int = 10_000
     max_auth_failures: int = 5
     ping_interval: float = 30.0
     ping_timeout: float = 30.0

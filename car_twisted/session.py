@@ -31,6 +31,8 @@ _log = Logger()
 class ClientSession:
     """
     @ivar role: ``"host"`` after a host-token auth, else None.
+    @ivar operator: True once the connection presented the daemon token
+        (or the daemon runs with auth off).
     @ivar agent_id: the supervised agent this connection is bound to.
     @ivar protocol_version: set by ``server.handshake``; None until then.
     @ivar in_flight: requests answered asynchronously and not yet done.
@@ -42,6 +44,7 @@ class ClientSession:
     state: Any = attrs.field(repr=False)
     authenticated: bool = False
     role: str | None = None
+    operator: bool = False
     agent_id: str | None = None
     memory_namespace: str | None = None
     protocol_version: int | None = None
@@ -87,6 +90,18 @@ class ClientSession:
     @property
     def is_host(self) -> bool:
         return self.role == ROLE_HOST
+
+    @property
+    def agent_only(self) -> bool:
+        """
+        Authenticated by an agent's own token and nothing else: such a
+        connection acts for that agent only (no daemon token, no host).
+        """
+        return self.agent_id is not None and not self.operator and not self.is_host
+
+    def disconnect(self, code: int, reason: str) -> None:
+        """Close this connection (a Close frame, then drop)."""
+        self.channel.sink.close(code, reason)
 
     def pin(self) -> None:
         """Keep this connection open while idle (until ``unpin``)."""

@@ -165,11 +165,13 @@ class SessionMethods:
         if p.agent_id is not None:
             return self._bind_agent(session, p)
         if not enabled:
+            session.operator = True
             return {"ok": True, "auth_enabled": False}
         if p.token is None:
             raise InvalidParams("token", "required")
         if not tokens_equal(p.token, state.auth_token):
             raise AuthFailed()
+        session.operator = True
         return {"ok": True, "auth_enabled": True}
 
     def _bind_agent(self, session: ClientSession, p: AuthParams) -> dict[str, Any]:

@@ -85,10 +85,11 @@ class _Subscriber:
 class RunRegistry:
     _log = Logger()
 
-    def __init__(self, clock: Any, store: Any, grace: float) -> None:
+    def __init__(self, clock: Any, store: Any, grace: float, config: Any = None) -> None:
         self.clock = clock
         self.store = store
         self.grace = grace
+        self.config = config
         self.runs: dict[str, RunMeta] = {}
         self._subscribers: dict[str, dict[str, _Subscriber]] = {}
 
