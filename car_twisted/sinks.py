@@ -136,17 +136,25 @@ class WsToolExecutor:
 
 
 def _client_error(tool: str, exc: ClientRpcError) -> ToolError:
+    """
+    The client's error as a tool failure.  Only ``data.terminal: true``
+    (``car_runtime.TerminalToolError``) is terminal: the client documents
+    halting for that alone, so a missing handler (``-32601``) or an
+    "unknown tool" message fails the action under its own
+    ``failure_behavior`` like any other error.
+    """
     message = exc.message or "tool failed"
     data = exc.data if type(exc.data) is dict else {}
+    terminal = data.get("terminal") is True
     if exc.code == -32601:
         return ToolError(
             f"tool '{tool}': the client serves no tools.execute handler ({message})",
             kind="unknown_tool",
-            terminal=True,
+            terminal=terminal,
         )
     if "unknown tool" in message.lower():
-        return ToolError(f"unknown tool '{tool}': {message}", kind="unknown_tool", terminal=True)
-    return ToolError(message, terminal=data.get("terminal") is True)
+        return ToolError(f"unknown tool '{tool}': {message}", kind="unknown_tool", terminal=terminal)
+    return ToolError(message, terminal=terminal)
 
 
 def session_tool_executor(session: Any) -> WsToolExecutor:

@@ -172,6 +172,38 @@ async def test_terminal_error_halts_the_session(reactor, tmp_path):
 
 
 @pytest_twisted.ensureDeferred
+async def test_missing_handler_and_unknown_tool_follow_failure_behavior(reactor, tmp_path):
+    """-32601 and "unknown tool" answers are retried per failure_behavior and never halt the session."""
+    server = await start_server(reactor, tmp_path)
+    try:
+        client = await ready_client(server, "tcp")
+        answers = iter(
+            [
+                CallbackError(-32601, "no handler registered on FFI client for `tools.execute`"),
+                CallbackError(-32000, "unknown tool: echo"),
+            ]
+        )
+
+        def answer(msg):
+            err = next(answers, None)
+            if err is not None:
+                raise err
+            return "third time lucky"
+
+        client.on_request = answer
+        proposal = {"proposal": {"actions": [tool_action("a1", failure_behavior="retry", max_retries=3)]}}
+        result = await client.result("proposal.submit", proposal)
+        (action,) = result["results"]
+        assert action["status"] == "succeeded" and action["attempts"] == 3
+        assert action["output"] == "third time lucky" and "halted" not in result
+        again = await client.result("proposal.submit", proposal)
+        assert again["results"][0]["status"] == "succeeded"
+        client.drop()
+    finally:
+        await server.stop()
+
+
+@pytest_twisted.ensureDeferred
 async def test_disconnect_mid_call_leaks_nothing(reactor, tmp_path):
     server = await start_server(reactor, tmp_path)
     try:

@@ -72,14 +72,20 @@ class WsToolExecutorTests(SynchronousTestCase):
         self.answer(rid, error={"code": -32000, "message": "fatal", "data": {"terminal": True}})
         assert self.failureResultOf(d, ToolError).value.terminal
 
-    def test_unknown_tool_and_missing_handler(self):
+    def test_unknown_tool_and_missing_handler_are_not_terminal(self):
+        """Only data.terminal halts: -32601 and "unknown tool" are ordinary failures."""
         d = self.executor.execute(self.call(tool="nope"))
         self.answer(self.sent()[0]["id"], error={"code": -32000, "message": "unknown tool: nope"})
         err = self.failureResultOf(d, ToolError).value
         assert err.kind == "unknown_tool" and "unknown tool 'nope'" in err.message
+        assert not err.terminal
         d = self.executor.execute(self.call())
         self.answer(self.sent()[0]["id"], error={"code": -32601, "message": "no handler registered on FFI client for `tools.execute`"})
-        assert self.failureResultOf(d, ToolError).value.kind == "unknown_tool"
+        err = self.failureResultOf(d, ToolError).value
+        assert err.kind == "unknown_tool" and not err.terminal
+        d = self.executor.execute(self.call())
+        self.answer(self.sent()[0]["id"], error={"code": -32601, "message": "gone", "data": {"terminal": True}})
+        assert self.failureResultOf(d, ToolError).value.terminal
 
     def test_action_budget_sends_cancel_with_request_id(self):
         """Past timeout_ms the call fails and tools.cancel names its request_id; a late reply is ignored."""
