@@ -3,7 +3,8 @@ Per-connection runtime state: registered tools, policies (global and per
 policy session), and the key-value state store.
 
 As in the reference daemon, each WebSocket connection is its own session:
-none of this survives a disconnect.  Every collection is bounded.
+none of this survives a disconnect.  Every collection is bounded, the
+state store in bytes as well as keys.
 """
 
 from __future__ import annotations
@@ -11,83 +12,153 @@ from __future__ import annotations
 import secrets
 from typing import Any, Iterator
 
+import orjson
+
+from car_twisted.budget import ByteBudget
 from car_twisted.errors import InvalidParams, RpcError
 from car_twisted.proposal.ir import ToolSchema
 from car_twisted.proposal.rules import PolicyDefinition
+from car_twisted.rpc.envelope import dumps
 
-__all__ = ["SessionRuntime", "StateStore", "TENANT_PREFIX"]
+__all__ = ["SessionRuntime", "StateStore", "StateView", "DEFAULT_STATE_BYTES"]
 
-TENANT_PREFIX = "tenant:"
 MAX_TOOLS = 1024
 MAX_POLICIES = 1024
 MAX_POLICY_SESSIONS = 256
 MAX_STATE_KEYS = 100_000
 MAX_KEY_LEN = 1024
+DEFAULT_STATE_BYTES = 16 * 1024 * 1024
+# What one stored key costs beyond its key and value bytes (dict slot,
+# the bytes object's header): counted so a flood of empty values is bounded.
+_ENTRY_OVERHEAD = 96
+
+_MISSING = object()
 
 
 class StateStore:
     """
-    The state map, with per-tenant views: a tenant's keys are stored under
-    ``tenant:<id>:`` and are invisible to other tenants and to unscoped
-    callers (and the other way round).
+    The state map: one table per tenant (``None`` for unscoped calls), so
+    no key of one can name a key of another, whatever characters it holds.
+
+    Values are kept JSON-encoded: the budget then counts what the memory
+    really holds, ``state.get`` splices the stored bytes into its reply
+    without re-encoding, and readers inside the daemon decode on read.
     """
 
-    def __init__(self, max_keys: int = MAX_STATE_KEYS) -> None:
-        self._data: dict[str, Any] = {}
+    def __init__(self, budget: ByteBudget | None = None, max_keys: int = MAX_STATE_KEYS) -> None:
+        self._tables: dict[str | None, dict[str, bytes]] = {}
+        self._keys = 0
         self.max_keys = max_keys
+        self.budget = budget if budget is not None else ByteBudget("connection state", DEFAULT_STATE_BYTES)
 
     def view(self, tenant_id: str | None) -> "StateView":
-        return StateView(self, f"{TENANT_PREFIX}{tenant_id}:" if tenant_id else None)
+        return StateView(self, tenant_id or None)
+
+    def __len__(self) -> int:
+        return self._keys
+
+    def clear(self) -> None:
+        """Drop everything and give the bytes back (the connection is gone)."""
+        for table in self._tables.values():
+            for key, encoded in table.items():
+                self.budget.release(_cost(key, encoded))
+        self._tables.clear()
+        self._keys = 0
+
+    # -- one tenant's table ----------------------------------------------------
+
+    def _get(self, tenant: str | None, key: str) -> bytes | None:
+        table = self._tables.get(tenant)
+        return None if table is None else table.get(key)
+
+    def _put(self, tenant: str | None, key: str, encoded: bytes) -> None:
+        table = self._tables.setdefault(tenant, {})
+        old = table.get(key)
+        if old is None and self._keys >= self.max_keys:
+            raise RpcError(
+                f"state is full: at most {self.max_keys} keys per session",
+                data={"reason": "state_keys", "limit": self.max_keys},
+            )
+        grow = _cost(key, encoded) - (_cost(key, old) if old is not None else 0)
+        if grow > 0:
+            self.budget.reserve(grow)
+        else:
+            self.budget.release(-grow)
+        if old is None:
+            self._keys += 1
+        table[key] = encoded
+
+    def _pop(self, tenant: str | None, key: str) -> None:
+        table = self._tables.get(tenant)
+        if table is None:
+            return
+        old = table.pop(key, None)
+        if old is not None:
+            self._keys -= 1
+            self.budget.release(_cost(key, old))
+            if not table:
+                del self._tables[tenant]
+
+    def _table(self, tenant: str | None) -> dict[str, bytes]:
+        return self._tables.get(tenant, {})
+
+
+def _cost(key: str, encoded: bytes) -> int:
+    return len(key) + len(encoded) + _ENTRY_OVERHEAD
+
+
+def _check_key(key: str) -> str:
+    if len(key) > MAX_KEY_LEN:
+        raise InvalidParams("key", f"at most {MAX_KEY_LEN} characters")
+    return key
 
 
 class StateView:
-    """One tenant's (or the unscoped) slice of a ``StateStore``; a mapping."""
+    """
+    One tenant's (or the unscoped) table of a ``StateStore``, as a
+    mapping of decoded values for the proposal engine, plus the encoded
+    forms ``state.*`` answers with.
+    """
 
-    def __init__(self, store: StateStore, prefix: str | None) -> None:
+    def __init__(self, store: StateStore, tenant: str | None) -> None:
         self._store = store
-        self._prefix = prefix
-
-    def _full(self, key: str) -> str:
-        if len(key) > MAX_KEY_LEN:
-            raise InvalidParams("key", f"at most {MAX_KEY_LEN} characters")
-        if self._prefix is None:
-            return key
-        return self._prefix + key
-
-    def _mine(self, full: str) -> str | None:
-        if self._prefix is None:
-            return None if full.startswith(TENANT_PREFIX) else full
-        return full[len(self._prefix) :] if full.startswith(self._prefix) else None
+        self._tenant = tenant
 
     def __getitem__(self, key: str) -> Any:
-        return self._store._data[self._full(key)]
+        encoded = self._store._get(self._tenant, _check_key(key))
+        if encoded is None:
+            raise KeyError(key)
+        return orjson.loads(encoded)
 
     def __contains__(self, key: object) -> bool:
-        return type(key) is str and self._full(key) in self._store._data
+        return type(key) is str and self._store._get(self._tenant, _check_key(key)) is not None
 
     def get(self, key: str, default: Any = None) -> Any:
-        return self._store._data.get(self._full(key), default)
+        encoded = self._store._get(self._tenant, _check_key(key))
+        return default if encoded is None else orjson.loads(encoded)
+
+    def get_encoded(self, key: str) -> bytes | None:
+        """The stored JSON of C{key}, or None."""
+        return self._store._get(self._tenant, _check_key(key))
 
     def set(self, key: str, value: Any) -> None:
-        full = self._full(key)
-        data = self._store._data
-        if full not in data and len(data) >= self._store.max_keys:
-            raise RpcError(f"state is full: at most {self._store.max_keys} keys per session")
-        data[full] = value
+        """
+        @raise car_twisted.budget.BudgetExceeded: the value does not fit
+            the connection's (or the daemon's) state budget.
+        """
+        self._store._put(self._tenant, _check_key(key), dumps(value))
 
     def delete(self, key: str) -> None:
-        self._store._data.pop(self._full(key), None)
+        self._store._pop(self._tenant, _check_key(key))
 
     def keys(self) -> list[str]:
-        return [k for k in (self._mine(f) for f in self._store._data) if k is not None]
+        return list(self._store._table(self._tenant))
+
+    def encoded_items(self) -> list[tuple[str, bytes]]:
+        return list(self._store._table(self._tenant).items())
 
     def snapshot(self) -> dict[str, Any]:
-        out = {}
-        for full, value in self._store._data.items():
-            key = self._mine(full)
-            if key is not None:
-                out[key] = value
-        return out
+        return {key: orjson.loads(encoded) for key, encoded in self.encoded_items()}
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.keys())
@@ -96,15 +167,23 @@ class StateView:
 class SessionRuntime:
     """What ``tools.*``, ``policy.*``, ``state.*`` and proposals work on."""
 
-    def __init__(self) -> None:
+    def __init__(self, state_budget: ByteBudget | None = None) -> None:
         self.session_id = f"sess-{secrets.token_hex(6)}"
         self.tools: dict[str, ToolSchema] = {}
         self.global_policies: list[PolicyDefinition] = []
         self.policy_sessions: dict[str, list[PolicyDefinition]] = {}
-        self.state = StateStore()
+        self.state = StateStore(state_budget)
         # Set by a terminal tool error: later proposals are refused until a
         # host clears it (session.clear_halt) or the client reconnects.
         self.halted: dict[str, str] | None = None
+
+    def holds_anything(self) -> bool:
+        """True once the client registered something a reconnect would lose."""
+        return bool(self.tools or self.global_policies or self.policy_sessions or len(self.state))
+
+    def close(self) -> None:
+        """The connection is gone: give its state bytes back."""
+        self.state.clear()
 
     # -- tools -------------------------------------------------------------------
 

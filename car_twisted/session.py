@@ -75,10 +75,17 @@ class ClientSession:
     def runtime(self) -> Any:
         """Tools, policies and state of this connection, made on first use."""
         if self._runtime is None:
-            from car_twisted.runtime import SessionRuntime
-
-            self._runtime = SessionRuntime()
+            self._runtime = self.state.new_runtime()
+            self.on_close(self._runtime.close)
         return self._runtime
+
+    def holds_client_state(self) -> bool:
+        """
+        True while the connection holds anything its client registered
+        (tools, policies, policy sessions, state) or a pin (an open run, a
+        subscription): a reconnect would silently lose it.
+        """
+        return self.pins > 0 or (self._runtime is not None and self._runtime.holds_anything())
 
     def component(self, iface: Any) -> Any:
         """This session's C{iface} component, adapted once and kept."""

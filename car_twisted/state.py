@@ -23,6 +23,7 @@ from car_twisted.agents.supervisor import Supervisor
 from car_twisted.runs.registry import RunRegistry
 from car_twisted.runs.store import JsonlRunStore
 from car_twisted.auth import mint_token
+from car_twisted.budget import ByteBudget
 from car_twisted.config import ServerStateConfig
 from car_twisted.interfaces import IWsSink
 from car_twisted.rpc.registry import MethodRegistry, MethodSpec
@@ -88,6 +89,8 @@ class ServerState:
         )
         self.runs = RunRegistry(clock, store, config.run_complete_grace, config=config)
         self.sessions: dict[str, ClientSession] = {}
+        # Every connection's state.* bytes together.
+        self.state_budget = ByteBudget("daemon state", config.max_state_bytes_total)
         self._ids = itertools.count(1)
         self.methods = MethodRegistry()
         for provider in _builtin_providers(self):
@@ -144,6 +147,13 @@ class ServerState:
         return self.components.queryAdapter(obj, iface, "", default)
 
     # -- sessions ----------------------------------------------------------
+
+    def new_runtime(self) -> Any:
+        """A connection's tools, policies and state, on its own byte budget."""
+        from car_twisted.runtime import SessionRuntime
+
+        budget = ByteBudget("connection state", self.config.max_state_bytes, parent=self.state_budget)
+        return SessionRuntime(budget)
 
     def open_session(self, sink: IWsSink) -> ClientSession:
         client_id = f"c{next(self._ids)}"
