@@ -35,6 +35,7 @@ __all__ = [
     "HandlerDeadlineExceeded",
     "ChannelClosed",
     "CallbackTimeout",
+    "CallbackUnencodable",
     "ClientRpcError",
 ]
 
@@ -148,6 +149,15 @@ class CallbackTimeout(Exception):
         super().__init__(f"{method} callback timed out ({seconds:g}s)")
         self.method = method
         self.seconds = seconds
+
+
+class CallbackUnencodable(Exception):
+    """A server-to-client request whose params cannot be encoded as JSON."""
+
+    def __init__(self, method: str, reason: str):
+        super().__init__(f"{method} params cannot be sent as JSON: {reason}")
+        self.method = method
+        self.reason = reason
 
 
 class ClientRpcError(Exception):

@@ -20,7 +20,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from car_twisted.config import DEFAULT_TOOL_TIMEOUT_MS
-from car_twisted.errors import CallbackTimeout, ChannelClosed, ClientRpcError
+from car_twisted.errors import CallbackTimeout, CallbackUnencodable, ChannelClosed, ClientRpcError
 from car_twisted.interfaces import IToolExecutor
 from car_twisted.proposal.ir import ToolCall, ToolError
 from car_twisted.ws.channel import WsChannel
@@ -118,6 +118,8 @@ class WsToolExecutor:
                 result.errback(ToolError(f"tool '{call.tool}': client disconnected", kind="disconnected"))
             elif isinstance(exc, ClientRpcError):
                 result.errback(_client_error(call.tool, exc))
+            elif isinstance(exc, CallbackUnencodable):
+                result.errback(ToolError(f"tool '{call.tool}': {exc}", kind="unsupported"))
             else:
                 self._log.failure("tools.execute callback failed", failure=failure)
                 result.errback(ToolError(f"tool '{call.tool}' failed"))

@@ -24,6 +24,7 @@ from car_twisted.errors import (
     AUTH_REQUIRED,
     HANDSHAKE_REQUIRED,
     INTERNAL_ERROR,
+    INVALID_PARAMS,
     INVALID_REQUEST,
     METHOD_NOT_FOUND,
     PARSE_ERROR,
@@ -36,6 +37,7 @@ from car_twisted.rpc.envelope import (
     encode_error,
     encode_result,
     loads,
+    nested_deeper_than,
     valid_id,
 )
 from car_twisted.rpc.params import parse_params
@@ -86,6 +88,7 @@ class Dispatcher:
         self.max_batch = config.max_batch
         self.max_in_flight = config.max_in_flight
         self.max_message_bytes = config.max_message_bytes
+        self.max_depth = config.max_json_depth
 
     # -- entry points --------------------------------------------------------
 
@@ -102,6 +105,9 @@ class Dispatcher:
             session.channel.send(encode_error(None, PARSE_ERROR, f"parse error: {e}"))
             return
         kind = type(msg)
+        if (kind is dict or kind is list) and nested_deeper_than(payload, msg, self.max_depth):
+            self._too_deep(session, msg)
+            return
         if kind is dict:
             out = self._handle(session, msg)
             if out is None:
@@ -139,6 +145,28 @@ class Dispatcher:
                 "binary frame handler failed for client {client_id}",
                 client_id=session.client_id,
             )
+
+    def _too_deep(self, session: Any, msg: Any) -> None:
+        """
+        One depth limit, on the way in: a value is never stored or echoed
+        that a reply could not encode.  A request gets ``-32602``; a
+        client's answer to a callback fails that callback; anything else
+        is ``-32600``.
+        """
+        text = f"JSON nested deeper than {self.max_depth} levels"
+        if not session.authenticated:
+            self._deny(session, None)
+            return
+        if type(msg) is dict and "method" not in msg and "id" in msg:
+            session.channel.deliver(msg["id"], error={"code": INVALID_REQUEST, "message": f"invalid response: {text}"})
+            return
+        if type(msg) is dict and valid_id(msg.get("id")):
+            if "id" in msg:
+                session.channel.send(
+                    encode_error(msg["id"], INVALID_PARAMS, f"invalid params: {text}", {"field": "params", "limit": self.max_depth})
+                )
+            return
+        session.channel.send(encode_error(None, INVALID_REQUEST, f"invalid request: {text}"))
 
     # -- one message -----------------------------------------------------------
 

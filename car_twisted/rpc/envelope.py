@@ -28,6 +28,7 @@ __all__ = [
     "encode_error",
     "encode_notification",
     "encode_request",
+    "nested_deeper_than",
 ]
 
 MAX_ID_LEN = 256
@@ -44,6 +45,29 @@ def loads(payload: bytes) -> Any:
         return orjson.loads(payload)
     except orjson.JSONDecodeError as e:
         raise DecodeError(str(e)) from None
+
+
+def nested_deeper_than(payload: bytes, value: Any, limit: int) -> bool:
+    """
+    Whether C{value} (decoded from C{payload}) nests containers more than
+    C{limit} levels deep.  Nesting needs brackets, so a payload with
+    fewer than C{limit} of them is answered by one C-speed count; only
+    the rest are walked, without recursion.
+    """
+    if payload.count(b"[") + payload.count(b"{") <= limit:
+        return False
+    stack = [(value, 1)]
+    pop, push = stack.pop, stack.append
+    while stack:
+        node, depth = pop()
+        if depth > limit:
+            return True
+        children = node.values() if type(node) is dict else node
+        for child in children:
+            kind = type(child)
+            if kind is dict or kind is list:
+                push((child, depth + 1))
+    return False
 
 
 def _default(obj: Any) -> Any:

@@ -15,11 +15,11 @@ from __future__ import annotations
 from typing import Any
 
 import attrs
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
-from car_twisted.errors import CallbackTimeout, ChannelClosed, ClientRpcError
+from car_twisted.errors import CallbackTimeout, CallbackUnencodable, ChannelClosed, ClientRpcError
 from car_twisted.interfaces import IWsSink
 from car_twisted.rpc.envelope import encode_notification, encode_request
 
@@ -59,8 +59,13 @@ class WsChannel:
         return self.sink.send_text(frame)
 
     def notify(self, method: str, params: Any) -> bool:
-        """Send a notification (no reply expected)."""
-        return self.send(encode_notification(method, params))
+        """Send a notification (no reply expected); False if not sent."""
+        try:
+            frame = encode_notification(method, params)
+        except (TypeError, ValueError) as e:
+            self._log.warn("{method} notification not sent: {error}", method=method, error=str(e))
+            return False
+        return self.send(frame)
 
     def next_id(self, prefix: str = "srv") -> str:
         self._counter += 1
@@ -81,10 +86,17 @@ class WsChannel:
 
         @param timeout: seconds, or None to wait until disconnect.
         @return: a Deferred firing with the C{result}, or failing with
-            L{ClientRpcError}, L{CallbackTimeout} or L{ChannelClosed}.
+            L{ClientRpcError}, L{CallbackTimeout}, L{ChannelClosed} or
+            L{CallbackUnencodable} (nothing was sent or registered).
             Cancelling it forgets the call (a late reply is ignored).
         """
         rid = request_id if request_id is not None else self.next_id()
+        try:
+            # Encode before anything is registered, so a value that cannot
+            # be sent leaves no pending entry and no timer behind.
+            frame = encode_request(rid, method, params)
+        except (TypeError, ValueError) as e:
+            return fail(CallbackUnencodable(method, str(e)))
 
         def forget(d: Deferred) -> None:
             self._pop(rid)
@@ -106,7 +118,7 @@ class WsChannel:
         if timeout is not None:
             timer = self.clock.callLater(timeout, self._expire, rid, timeout)
         self._pending[rid] = _Pending(method, d, timer)
-        if not self.send(encode_request(rid, method, params)):
+        if not self.send(frame):
             self._fail(rid, ChannelClosed(f"connection closed before {method}"))
         return d
 

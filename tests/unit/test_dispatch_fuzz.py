@@ -471,11 +471,12 @@ def test_deep_nesting(tmp_path, authed, depth, kind, where):
 def test_deep_protocol_version_is_a_protocol_mismatch(tmp_path):
     """
     server.handshake answers -32006 for any non-numeric protocol_version;
-    a deeply nested (but parseable) array is non-numeric too, and must not
-    turn into an internal error.
+    a nested (but parseable) array is non-numeric too, and must not turn
+    into an internal error.  Past the daemon's depth limit the request is
+    refused on the way in with -32602 instead.
     """
     conn = Conn(tmp_path, authed=True)
-    for depth in (10, 200, 1000):
+    for depth, code in ((10, PROTOCOL_MISMATCH), (120, PROTOCOL_MISMATCH), (200, INVALID_PARAMS), (1000, INVALID_PARAMS)):
         deep = _nest(depth, "list", "")
         conn.send(
             (
@@ -485,7 +486,7 @@ def test_deep_protocol_version_is_a_protocol_mismatch(tmp_path):
         )
         (reply,) = conn.pop()
         assert reply["id"] == depth
-        assert error_code(reply) == PROTOCOL_MISMATCH, reply
+        assert error_code(reply) == code, reply
 
 
 # -- the auth gate --------------------------------------------------------------------
