@@ -1,25 +1,36 @@
 """
 The proposal engine: validates an ``ActionProposal`` and executes it.
 
-Validation happens before anything runs: unknown tools, missing required
-parameters, static policy denials (``deny_tool``, ``deny_tool_param``),
-dependency cycles and state dependencies nobody provides reject their
-action; a rejected action whose ``failure_behavior`` is not ``skip``
-aborts the whole proposal before any callback.
+Validation happens before anything runs.  A proposal whose work is out
+of bounds is refused whole with ``InvalidParams`` (field ``proposal``):
+more than ``MAX_DEPENDENCY_EDGES`` dependency edges once
+``state_dependencies`` are expanded, or ``deny_tool_param`` checks that
+would scan more than ``MAX_POLICY_SCAN_CHARS`` characters of parameter
+text (each distinct policy once; each parameter is serialised at most
+once per execution).  Then unknown tools, missing required parameters,
+static policy denials (``deny_tool``, ``deny_tool_param``), dependency
+cycles and state dependencies nobody provides reject their action; a
+rejected action whose ``failure_behavior`` is not ``skip`` aborts the
+whole proposal before any callback.
 
 Execution follows the dependency graph (explicit ``dependencies`` by
 action id, and ``state_dependencies`` on the keys other actions write):
-independent actions run concurrently, dependent ones in order.  At
-dispatch each action passes the state-dependent policies
-(``require_state``) and its preconditions, then runs: a ``tool_call``
-through the session's ``IToolExecutor`` (with ``retry`` up to
-``max_retries`` more attempts, never after a terminal error), the state
-actions directly.  ``abort`` stops launching new actions; ``skip`` lets
-the rest go on, and the failed action's dependents are skipped.
+independent actions run concurrently (at most ``MAX_CONCURRENT_ACTIONS``),
+dependent ones in order.  Each action keeps a count of its unfinished
+dependencies; a success decrements its dependents' counts and queues
+those that reach zero, first ready first launched, so scheduling is linear
+in actions plus edges.  At dispatch each action passes the
+state-dependent policies (``require_state``) and its preconditions, then
+runs: a ``tool_call`` through the session's ``IToolExecutor`` (with
+``retry`` up to ``max_retries`` more attempts, never after a terminal
+error), the state actions directly.  ``abort`` stops launching new
+actions; ``skip`` lets the rest go on, and the failed action's dependents
+are skipped, transitively.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Any, Iterable
 
 from twisted.internet.defer import CancelledError, Deferred
@@ -28,6 +39,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from car_twisted._util import iso_utc
+from car_twisted.errors import InvalidParams
 from car_twisted.interfaces import IToolExecutor
 from car_twisted.proposal.ir import (
     Action,
@@ -39,11 +51,29 @@ from car_twisted.proposal.ir import (
     ToolError,
     ToolSchema,
 )
-from car_twisted.proposal.rules import PolicyDefinition, first_violation
+from car_twisted.proposal.rules import (
+    ParamTexts,
+    PolicyDefinition,
+    distinct_static,
+    first_violation,
+    param_scans,
+)
 
-__all__ = ["ProposalEngine", "holds", "MAX_CONCURRENT_ACTIONS"]
+__all__ = [
+    "ProposalEngine",
+    "holds",
+    "MAX_CONCURRENT_ACTIONS",
+    "MAX_DEPENDENCY_EDGES",
+    "MAX_POLICY_SCAN_CHARS",
+]
 
 MAX_CONCURRENT_ACTIONS = 64
+# Building and walking the graph costs one step per edge; 1 000 actions fully interlinked would be a million.
+MAX_DEPENDENCY_EDGES = 100_000
+# Every deny_tool_param pattern reads its parameter's whole text; this caps the reactor time one proposal can take.
+MAX_POLICY_SCAN_CHARS = 64 * 1024 * 1024
+_NONE: frozenset[str] = frozenset()
+_NO_SCANS: dict[str | None, int] = {}
 _STATIC_RULES = ("deny_tool", "deny_tool_param")
 _log = Logger()
 
@@ -110,19 +140,26 @@ class ProposalEngine:
 
 
 class _Execution:
+    """The bookkeeping of one run of one proposal."""
+
     def __init__(self, engine: ProposalEngine, proposal: ActionProposal) -> None:
         self.engine = engine
         self.proposal = proposal
         self.actions = {a.id: a for a in proposal.actions}
         self.results = {a.id: ActionResult(a.id, "proposed") for a in proposal.actions}
         self.deps: dict[str, set[str]] = {}
-        self.waiting: list[str] = []
+        self.dependents: dict[str, list[str]] = {a.id: [] for a in proposal.actions}
+        # Per action, how many of its dependencies have not succeeded yet.
+        self.unmet: dict[str, int] = {}
+        # Not yet launched nor skipped, in proposal order (a dict as an ordered set).
+        self.waiting: dict[str, None] = {}
+        self.ready: deque[str] = deque()
         self.running: dict[str, Deferred] = {}
         self.aborted: str | None = None
         self.launching = False
-        self.relaunch = False
         self.halted: dict[str, str] | None = None
         self.undo: dict[str, tuple[bool, Any]] = {}
+        self.texts = ParamTexts()
         self.started = engine.clock.seconds()
         self.done: Deferred = Deferred(self._cancel_all)
 
@@ -138,16 +175,22 @@ class _Execution:
         for a in self.proposal.actions:
             for key in a.writes():
                 writers.setdefault(key, set()).add(a.id)
-        static = [p for p in engine.policies if p.rule in _STATIC_RULES]
+        self._bound_edges(writers)
+        static = distinct_static(p for p in engine.policies if p.rule in _STATIC_RULES)
+        scans = param_scans(static)
+        scan_chars = 0
+        to_check = []
         for a in self.proposal.actions:
             deps = {d for d in a.dependencies if d != a.id}
-            for key in a.state_dependencies:
-                producers = writers.get(key, set()) - {a.id}
+            for key in dict.fromkeys(a.state_dependencies):
+                producers = writers.get(key, _NONE) - {a.id}
                 if producers:
                     deps |= producers
                 elif key not in engine.state:
                     self._reject(a.id, f"unsatisfied state dependency '{key}': no action writes it and it is not in state")
             self.deps[a.id] = deps
+            for d in deps:
+                self.dependents[d].append(a.id)
             if self.results[a.id].status == "rejected":
                 continue
             if a.type == "tool_call":
@@ -161,7 +204,19 @@ class _Execution:
                     if missing:
                         self._reject(a.id, f"missing required parameter '{missing[0]}' for tool '{a.tool}'")
                         continue
-            hit = first_violation(static, a, engine.state)
+                # Price the scanning before doing any: each pattern reads the whole text.
+                for key, patterns in scans.get(a.tool, _NO_SCANS).items():
+                    if key in a.parameters:
+                        scan_chars += patterns * len(self.texts(a, key))  # type: ignore[arg-type]
+                        if scan_chars > MAX_POLICY_SCAN_CHARS:
+                            raise InvalidParams(
+                                "proposal",
+                                f"too much policy scanning: deny_tool_param policies would scan more than "
+                                f"{MAX_POLICY_SCAN_CHARS} characters of parameters (MAX_POLICY_SCAN_CHARS)",
+                            )
+            to_check.append(a)
+        for a in to_check:
+            hit = first_violation(static, a, engine.state, self.texts)
             if hit is not None:
                 policy, reason = hit
                 self._reject(a.id, f"denied by policy '{policy.name}' ({reason})")
@@ -171,16 +226,40 @@ class _Execution:
                 self._abort(f"action '{a.id}' was rejected")
                 return
 
+    def _bound_edges(self, writers: dict[str, set[str]]) -> None:
+        """
+        Refuse a proposal with more than ``MAX_DEPENDENCY_EDGES`` edges,
+        counted as expanded (each state dependency adds one edge per other
+        writer of its key, before duplicates merge): that is the work
+        building the graph costs, so it is checked before any is done.
+        """
+        edges = 0
+        for i, a in enumerate(self.proposal.actions):
+            explicit = set(a.dependencies)
+            explicit.discard(a.id)
+            for d in explicit:
+                if d not in self.actions:
+                    # parse_proposal refuses these; a proposal built in code may not have been parsed.
+                    j = a.dependencies.index(d)
+                    raise InvalidParams(f"proposal.actions[{i}].dependencies[{j}]", f"unknown action id {d!r}")
+            edges += len(explicit)
+            for key in set(a.state_dependencies):
+                producers = writers.get(key)
+                if producers:
+                    edges += len(producers) - (a.id in producers)
+            if edges > MAX_DEPENDENCY_EDGES:
+                raise InvalidParams(
+                    "proposal",
+                    f"too many dependency edges: more than {MAX_DEPENDENCY_EDGES} after expanding "
+                    f"state_dependencies into the actions that write those keys (MAX_DEPENDENCY_EDGES)",
+                )
+
     def _reject_cycles(self) -> None:
         indegree = {aid: len(d) for aid, d in self.deps.items()}
-        dependents: dict[str, list[str]] = {aid: [] for aid in self.deps}
-        for aid, deps in self.deps.items():
-            for d in deps:
-                dependents[d].append(aid)
         queue = [aid for aid, n in indegree.items() if n == 0]
         while queue:
             aid = queue.pop()
-            for nxt in dependents[aid]:
+            for nxt in self.dependents[aid]:
                 indegree[nxt] -= 1
                 if indegree[nxt] == 0:
                     queue.append(nxt)
@@ -193,64 +272,84 @@ class _Execution:
     def start(self) -> Deferred:
         try:
             self._validate()
+        except InvalidParams:
+            raise  # the client's mistake: the dispatcher answers -32602
         except Exception:
             _log.failure("proposal validation failed")
             raise
-        self.waiting = [a.id for a in self.proposal.actions if self.results[a.id].status == "proposed"]
+        if self.aborted is None:
+            self._plan()
         self._launch()
         return self.done
+
+    def _plan(self) -> None:
+        """Count unmet dependencies, skip what a rejection blocks, queue what can start now."""
+        for a in self.proposal.actions:
+            self.unmet[a.id] = len(self.deps[a.id])
+            if self.results[a.id].status == "proposed":
+                self.waiting[a.id] = None
+        for a in self.proposal.actions:
+            if self.results[a.id].status == "rejected":
+                self._skip_dependents(a.id)
+        self.ready.extend(aid for aid in self.waiting if self.unmet[aid] == 0)
 
     def _abort(self, why: str) -> None:
         if self.aborted is None:
             self.aborted = why
-        for aid in self.waiting:
-            self._skip(aid, f"proposal aborted: {why}")
-        self.waiting = []
-        for res in self.results.values():
-            if res.status == "proposed":
-                res.status, res.error = "skipped", f"proposal aborted: {why}"
+            for res in self.results.values():
+                if res.status == "proposed":
+                    res.status, res.error = "skipped", f"proposal aborted: {why}"
+        self.waiting.clear()
+        self.ready.clear()
 
     def _skip(self, aid: str, why: str) -> None:
         res = self.results[aid]
         if res.status == "proposed":
             res.status, res.error = "skipped", why
+        self.waiting.pop(aid, None)
+
+    def _skip_dependents(self, bad: str) -> None:
+        """Skip everything that (transitively) depends on C{bad}, each once."""
+        stack = [bad]
+        while stack:
+            failed = stack.pop()
+            for aid in self.dependents[failed]:
+                if aid in self.waiting:
+                    self._skip(aid, f"dependency '{failed}' did not succeed")
+                    stack.append(aid)
+
+    def _release(self, done: str) -> None:
+        """C{done} succeeded: queue the dependents that now have everything they need."""
+        for aid in self.dependents[done]:
+            self.unmet[aid] -= 1
+            if self.unmet[aid] == 0 and aid in self.waiting:
+                self.ready.append(aid)
 
     def _launch(self) -> None:
         # Actions can finish synchronously while we launch them, which calls
-        # back in here: the outer call loops instead of nesting.
+        # back in here: the outer call's loop picks up what they released
+        # instead of nesting.
         if self.launching:
-            self.relaunch = True
             return
         self.launching = True
         try:
-            self.relaunch = True
-            while self.relaunch and self.aborted is None:
-                self.relaunch = False
-                self._launch_ready()
+            self._launch_ready()
         finally:
             self.launching = False
         if not self.running and not self.done.called:
-            for aid in self.waiting:
+            for aid in list(self.waiting):
                 self._skip(aid, "never became ready")
             self.done.callback(self._result())
 
     def _launch_ready(self) -> None:
-        for aid in list(self.waiting):
-            if aid not in self.waiting or self.aborted is not None:
+        while self.ready and self.aborted is None and len(self.running) < self.engine.max_concurrency:
+            aid = self.ready.popleft()
+            if aid not in self.waiting:
                 continue
-            if len(self.running) >= self.engine.max_concurrency:
-                return
-            statuses = [self.results[d].status for d in self.deps[aid]]
-            if any(s in ("failed", "rejected", "skipped") for s in statuses):
-                bad = next(d for d in self.deps[aid] if self.results[d].status != "succeeded")
-                self.waiting.remove(aid)
-                self._skip(aid, f"dependency '{bad}' did not succeed")
-                self.relaunch = True
-            elif all(s == "succeeded" for s in statuses):
-                self.waiting.remove(aid)
-                d = Deferred.fromCoroutine(self._run(self.actions[aid]))
-                self.running[aid] = d
-                d.addBoth(self._finished, aid)
+            del self.waiting[aid]
+            d = Deferred.fromCoroutine(self._run(self.actions[aid]))
+            self.running[aid] = d
+            d.addBoth(self._finished, aid)
 
     def _finished(self, outcome: Any, aid: str) -> None:
         self.running.pop(aid, None)
@@ -265,6 +364,11 @@ class _Execution:
             self._abort(f"action '{aid}' hit a terminal tool error")
         elif res.status in ("failed", "rejected") and self.actions[aid].failure_behavior != "skip":
             self._abort(f"action '{aid}' {res.status}")
+        if self.aborted is None:
+            if res.status == "succeeded":
+                self._release(aid)
+            else:
+                self._skip_dependents(aid)
         if not self.done.called:
             self._launch()
 
@@ -286,8 +390,7 @@ class _Execution:
             res.state_changes = {}
 
     def _cancel_all(self, done: Deferred) -> None:
-        self.aborted = self.aborted or "cancelled"
-        self.waiting = []
+        self._abort("cancelled")
         for d in list(self.running.values()):
             d.cancel()
 

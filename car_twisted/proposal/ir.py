@@ -4,7 +4,8 @@ The Agent IR as frozen attrs types, parsed from the wire.
 ``parse_proposal`` and ``parse_tool_schema`` check a JSON value field by
 field and raise ``InvalidParams`` with the full path of the first field
 that does not fit (``proposal.actions[2].tool``).  Unknown fields are
-ignored, as the IR's stability rules ask.
+ignored, as the IR's stability rules ask; a dependency on an action id the
+proposal does not contain is not a field we can ignore, so it is refused.
 """
 
 from __future__ import annotations
@@ -225,6 +226,10 @@ def parse_proposal(raw: Any, path: str = "proposal") -> ActionProposal:
         if action.id in seen:
             raise InvalidParams(f"{path}.actions[{i}].id", f"duplicate action id {action.id!r}")
         seen.add(action.id)
+    for i, action in enumerate(parsed):
+        for j, dep in enumerate(action.dependencies):
+            if dep not in seen:
+                raise InvalidParams(f"{path}.actions[{i}].dependencies[{j}]", f"unknown action id {dep!r}")
     return ActionProposal(
         id=_opt(raw, "id", path, _str) or secrets.token_hex(6),
         source=_opt(raw, "source", path, _str, 1024, True) or "unknown",

@@ -4,6 +4,10 @@ Built-in policy rules: ``deny_tool``, ``deny_tool_param``, ``require_state``.
 Every action passes every policy in force (global, plus those of the
 policy session the proposal names) before it dispatches; the first denial
 rejects it with a reason naming the rule but never the offending value.
+``deny_tool_param`` scans a parameter's text (strings as they are, other
+values as JSON); ``ParamTexts`` serialises each parameter once per
+execution however many policies look at it, and ``distinct_static`` and
+``param_scans`` let the engine price the scanning before it starts.
 ``deny_tool_callback`` needs a callback inside the client process and is
 refused by this daemon.
 """
@@ -11,17 +15,49 @@ refused by this daemon.
 from __future__ import annotations
 
 import json
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import attrs
 
 from car_twisted.errors import InvalidParams
 from car_twisted.proposal.ir import Action
 
-__all__ = ["PolicyDefinition", "parse_policy", "first_violation", "SUPPORTED_RULES"]
+__all__ = [
+    "PolicyDefinition",
+    "ParamTexts",
+    "parse_policy",
+    "first_violation",
+    "distinct_static",
+    "param_scans",
+    "SUPPORTED_RULES",
+]
 
 SUPPORTED_RULES = ("deny_tool", "deny_tool_param", "require_state")
 _MAX = 1024
+
+TextOf = Callable[[Action, str], str]
+
+
+def _param_text(action: Action, key: str) -> str:
+    value = action.parameters[key]
+    return value if type(value) is str else json.dumps(value)
+
+
+class ParamTexts:
+    """
+    The text ``deny_tool_param`` scans for each parameter, keyed by
+    (action id, parameter key) and computed on first use, so a parameter
+    is serialised once however many policies look at it.
+    """
+
+    def __init__(self) -> None:
+        self._texts: dict[tuple[str, str], str] = {}
+
+    def __call__(self, action: Action, key: str) -> str:
+        text = self._texts.get((action.id, key))
+        if text is None:
+            text = self._texts[action.id, key] = _param_text(action, key)
+        return text
 
 
 @attrs.frozen
@@ -48,15 +84,21 @@ class PolicyDefinition:
                 out[field] = getattr(self, field)
         return out
 
-    def violation(self, action: Action, state: Mapping[str, Any]) -> str | None:
-        """The reason this policy denies C{action}, or None."""
+    def violation(
+        self, action: Action, state: Mapping[str, Any], text_of: TextOf | None = None
+    ) -> str | None:
+        """
+        The reason this policy denies C{action}, or None.
+
+        @param text_of: where ``deny_tool_param`` gets a parameter's text
+            (a ``ParamTexts``); without it the value is serialised here.
+        """
         if self.rule == "deny_tool":
             if action.type == "tool_call" and action.tool == self.target:
                 return f"deny_tool:{self.target}"
         elif self.rule == "deny_tool_param":
             if action.type == "tool_call" and action.tool == self.target and self.key in action.parameters:
-                value = action.parameters[self.key]
-                text = value if type(value) is str else json.dumps(value)
+                text = (text_of or _param_text)(action, self.key)
                 if self.pattern and self.pattern in text:
                     return f"deny_tool_param:{self.target}.{self.key}"
         elif self.rule == "require_state":
@@ -117,10 +159,43 @@ def parse_policy(raw: Any) -> PolicyDefinition:
 
 
 def first_violation(
-    policies: Iterable[PolicyDefinition], action: Action, state: Mapping[str, Any]
+    policies: Iterable[PolicyDefinition],
+    action: Action,
+    state: Mapping[str, Any],
+    text_of: TextOf | None = None,
 ) -> tuple[PolicyDefinition, str] | None:
+    """The first policy that denies C{action} and its reason, or None."""
     for policy in policies:
-        reason = policy.violation(action, state)
+        reason = policy.violation(action, state, text_of)
         if reason is not None:
             return policy, reason
     return None
+
+
+def distinct_static(policies: Iterable[PolicyDefinition]) -> list[PolicyDefinition]:
+    """
+    C{policies} in order without repeats of the same (rule, target, key,
+    pattern): a static rule's verdict depends on nothing else, so a repeat
+    can never be the first violation.
+    """
+    seen: set[tuple[Any, ...]] = set()
+    out = []
+    for p in policies:
+        triple = (p.rule, p.target, p.key, p.pattern)
+        if triple not in seen:
+            seen.add(triple)
+            out.append(p)
+    return out
+
+
+def param_scans(policies: Iterable[PolicyDefinition]) -> dict[str | None, dict[str | None, int]]:
+    """
+    How many ``deny_tool_param`` patterns scan each tool's parameter:
+    C{{tool: {key: n}}}.  Pass policies through ``distinct_static`` first.
+    """
+    scans: dict[str | None, dict[str | None, int]] = {}
+    for p in policies:
+        if p.rule == "deny_tool_param" and p.pattern:
+            per_tool = scans.setdefault(p.target, {})
+            per_tool[p.key] = per_tool.get(p.key, 0) + 1
+    return scans

@@ -283,3 +283,20 @@ def test_terminal_error_aborts_rolls_back_and_halts():
     assert all(r.state_changes == {} for r in res.results)
     assert rig.statuses()["pay"] == "failed" and rig.statuses()["after"] == "skipped"
     assert res.to_wire()["halted"]["action_id"] == "pay"
+
+
+def test_unknown_dependency_in_an_unparsed_proposal_is_invalid_params():
+    """A proposal built in code skips parse_proposal; the engine still names the field instead of crashing."""
+    from car_twisted.errors import InvalidParams
+    from car_twisted.proposal.ir import Action, ActionProposal
+
+    rig = Rig()
+    proposal = ActionProposal("p1", "test", (
+        Action("a1", "tool_call", tool="echo"),
+        Action("a2", "tool_call", tool="echo", dependencies=("a1", "ghost")),
+    ))
+    engine = ProposalEngine(rig.clock, rig.executor, rig.view, rig.schemas, [])
+    with pytest.raises(InvalidParams) as e:
+        engine.run(proposal)
+    assert (e.value.field, e.value.problem) == ("proposal.actions[1].dependencies[1]", "unknown action id 'ghost'")
+    assert rig.executor.calls == []
