@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import attrs
-from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -65,7 +64,6 @@ class ClientSession:
     resume_hooks: list[Callable[[], Any]] = attrs.field(factory=list, repr=False)
     current_run: str | None = None
     _runs_hooked: bool = attrs.field(default=False, repr=False)
-    auth_timer: IDelayedCall | None = attrs.field(default=None, repr=False)
     closed: bool = False
     _cleanups: list[Callable[[], Any]] = attrs.field(factory=list, repr=False)
     _runtime: Any = attrs.field(default=None, repr=False)

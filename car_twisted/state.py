@@ -91,6 +91,8 @@ class ServerState:
         self.sessions: dict[str, ClientSession] = {}
         # Every connection's state.* bytes together.
         self.state_budget = ByteBudget("daemon state", config.max_state_bytes_total)
+        # Authenticated, non-agent connections (``max_connections``).
+        self._counted: set[str] = set()
         self._ids = itertools.count(1)
         self.methods = MethodRegistry()
         for provider in _builtin_providers(self):
@@ -156,31 +158,56 @@ class ServerState:
         return SessionRuntime(budget)
 
     def open_session(self, sink: IWsSink) -> ClientSession:
+        """
+        A session for a new connection.  Its authentication deadline and
+        guest slot belong to the transport (``ws.admission``), which starts
+        counting at TCP accept.
+        """
         client_id = f"c{next(self._ids)}"
         channel = WsChannel(sink, self.clock)
         session = ClientSession(
             client_id=client_id, channel=channel, state=self, last_active=self.clock.seconds()
         )
-        if self.auth_enabled:
-            session.auth_timer = self.clock.callLater(
-                self.config.auth_timeout, self._auth_expired, session
-            )
-        else:
-            # Auth off: every local caller is trusted as an operator.
-            session.authenticated = True
-            session.operator = True
         self.sessions[client_id] = session
+        if not self.auth_enabled:
+            # Auth off: every local caller is trusted as an operator.
+            session.operator = True
+            if not self.admit_authenticated(session, agent=False):
+                session.disconnect(1013, "server busy: too many connections")
+                return session
+            session.authenticated = True
         return session
 
-    def _auth_expired(self, session: ClientSession) -> None:
-        session.auth_timer = None
-        if not session.authenticated and not session.closed:
-            self._log.info(
-                "client {client_id} did not authenticate within {secs}s; closing",
-                client_id=session.client_id,
-                secs=self.config.auth_timeout,
-            )
-            session.channel.sink.close(1008, "authentication timeout")
+    def auth_failed(self, session: ClientSession) -> None:
+        """
+        A wrong token, or a malformed frame before auth: the
+        ``max_auth_failures``-th closes the connection (after its reply).
+        """
+        session.auth_failures += 1
+        self._log.info(
+            "client {client_id} failed to authenticate ({failures} so far)",
+            client_id=session.client_id,
+            failures=session.auth_failures,
+        )
+        if session.auth_failures == self.config.max_auth_failures:
+            # Answer first, then close: the reply is queued by the time
+            # the caller writes it.
+            self.clock.callLater(0, session.disconnect, 1008, "too many auth failures")
+
+    def admit_authenticated(self, session: ClientSession, agent: bool) -> bool:
+        """
+        Count C{session} among the authenticated connections, if there is
+        room (``max_connections``).  Agent-bound connections are not
+        counted: there is at most one per manifest agent, and they must
+        always get in.
+        @return: False when the daemon is full.
+        """
+        if agent or session.client_id in self._counted:
+            return True
+        if len(self._counted) >= self.config.max_connections:
+            return False
+        self._counted.add(session.client_id)
+        return True
 
     def reap_idle(self) -> int:
         """
@@ -209,8 +236,6 @@ class ServerState:
             return
         session.closed = True
         self.sessions.pop(session.client_id, None)
-        if session.auth_timer is not None and session.auth_timer.active():
-            session.auth_timer.cancel()
-        session.auth_timer = None
+        self._counted.discard(session.client_id)
         session.channel.close()
         session.run_cleanups()

@@ -271,3 +271,121 @@ async def until(reactor: Any, predicate: Any, what: str, timeout: float = 15.0) 
             return value
         assert reactor.seconds() < deadline, f"timed out waiting for {what}"
         await task.deferLater(reactor, 0.02, lambda: None)
+
+
+# -- the real protocol over an in-memory transport ---------------------------------
+
+HANDSHAKE = (
+    b"GET / HTTP/1.1\r\nHost: localhost:9100\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+)
+
+
+def client_frame(payload: bytes, opcode: int = 1, fin: bool = True, length: int | None = None) -> bytes:
+    """A masked client frame (zero mask: the payload goes as is); C{length} may lie."""
+    n = len(payload) if length is None else length
+    head = bytes([(0x80 if fin else 0) | opcode])
+    if n < 126:
+        head += bytes([0x80 | n])
+    elif n < 65536:
+        head += bytes([0x80 | 126]) + n.to_bytes(2, "big")
+    else:
+        head += bytes([0x80 | 127]) + n.to_bytes(8, "big")
+    return head + b"\0\0\0\0" + payload
+
+
+def server_frames(data: bytes) -> list[tuple[int, bytes]]:
+    """Split what the server wrote (after the HTTP response) into (opcode, payload)."""
+    out = []
+    while len(data) >= 2:
+        opcode, n = data[0] & 0x0F, data[1] & 0x7F
+        pos = 2
+        if n == 126:
+            n, pos = int.from_bytes(data[2:4], "big"), 4
+        elif n == 127:
+            n, pos = int.from_bytes(data[2:10], "big"), 10
+        if len(data) < pos + n:
+            break
+        out.append((opcode, data[pos : pos + n]))
+        data = data[pos + n :]
+    return out
+
+
+def _lenient_transport(addr: Any) -> Any:
+    from twisted.internet.testing import StringTransportWithDisconnection
+
+    class LenientTransport(StringTransportWithDisconnection):
+        # Like a real TCP transport: unregistering no producer is fine, an
+        # abort loses the connection too.
+        _lenient = True
+
+        def unregisterProducer(self) -> None:
+            self.producer = None
+
+        def abortConnection(self) -> None:
+            self.disconnected = True
+            self.loseConnection()
+
+    return LenientTransport(peerAddress=addr)
+
+
+@attrs.define
+class MemoryConnection:
+    """The daemon's real protocol on a StringTransport: bytes in, frames out."""
+
+    protocol: Any
+    transport: Any
+
+    @classmethod
+    def open(cls, factory: Any, host: str = "127.0.0.1", port: int = 40000, upgrade: bool = True) -> "MemoryConnection":
+        from twisted.internet.address import IPv4Address
+
+        addr = IPv4Address("TCP", host, port)
+        proto = factory.buildProtocol(addr)
+        transport = _lenient_transport(addr)
+        transport.protocol = proto
+        proto.makeConnection(transport)
+        conn = cls(proto, transport)
+        if upgrade:
+            conn.feed(HANDSHAKE)
+            assert conn.http_response().startswith(b"HTTP/1.1 101"), conn.transport.value()
+        return conn
+
+    def feed(self, data: bytes) -> None:
+        self.protocol.dataReceived(data)
+
+    def send(self, msg: Any) -> None:
+        self.feed(client_frame(json.dumps(msg).encode()))
+
+    def http_response(self) -> bytes:
+        value = self.transport.value()
+        end = value.find(b"\r\n\r\n")
+        return value[: end + 4] if end >= 0 else value
+
+    def frames(self) -> list[tuple[int, bytes]]:
+        value = self.transport.value()
+        return server_frames(value[value.find(b"\r\n\r\n") + 4 :])
+
+    def messages(self) -> list[Any]:
+        return [json.loads(p) for op, p in self.frames() if op == 1]
+
+    def close_code(self) -> int | None:
+        for op, payload in self.frames():
+            if op == 8:
+                return int.from_bytes(payload[:2], "big")
+        return None
+
+    @property
+    def dropped(self) -> bool:
+        return self.transport.disconnecting or not self.transport.connected
+
+
+def memory_factory(state: Any) -> Any:
+    """A CarServerFactory whose Autobahn-side timers stay off the global reactor."""
+    from car_twisted.ws.protocol import CarServerFactory
+
+    factory = CarServerFactory(state)
+    factory.openHandshakeTimeout = 0
+    factory.closeHandshakeTimeout = 0
+    factory.autoPingInterval = 0
+    return factory

@@ -18,10 +18,11 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from car_twisted.auth import tokens_equal
-from car_twisted.errors import AuthFailed, Forbidden, InvalidParams
+from car_twisted.errors import AuthFailed, Forbidden, InvalidParams, RpcError
 from car_twisted.interfaces import IAgentIdentities, IMethodProvider
 from car_twisted.methods.tools import tool_definitions
 from car_twisted.proposal.rules import parse_policy
+from car_twisted.rpc.params import parse_params
 from car_twisted.rpc.registry import MethodSpec
 from car_twisted.session import ROLE_HOST, ClientSession
 
@@ -70,6 +71,7 @@ class SessionMethods:
                 "session.auth",
                 self.auth,
                 params=AuthParams,
+                parse_at_edge=False,
                 requires_auth=False,
                 description="Authenticate this connection (token, host_token or agent_id + token).",
             ),
@@ -118,29 +120,27 @@ class SessionMethods:
     def policy_close(self, session: ClientSession, p: "PolicySessionParams") -> dict[str, Any]:
         return {"closed": session.runtime.close_policy_session(p.session_id)}
 
-    def auth(self, session: ClientSession, p: AuthParams) -> dict[str, Any]:
-        if p.memory_namespace is not None and not p.memory_namespace:
-            raise InvalidParams("memory_namespace", "must not be empty")
+    def auth(self, session: ClientSession, raw: Any) -> dict[str, Any]:
         try:
+            # Parsed here rather than at the edge so that a malformed
+            # session.auth (a token of the wrong type, say) counts toward
+            # the wrong tokens a connection may send.
+            p = parse_params(AuthParams, raw)
+            if p.memory_namespace is not None and not p.memory_namespace:
+                raise InvalidParams("memory_namespace", "must not be empty")
             result = self._authenticate(session, p)
-        except AuthFailed:
-            session.auth_failures += 1
-            self._log.info(
-                "client {client_id} failed session.auth ({failures} so far)",
-                client_id=session.client_id,
-                failures=session.auth_failures,
-            )
-            if session.auth_failures >= self.state.config.max_auth_failures:
-                # Answer first, then close: the reply is already queued by
-                # the time the dispatcher writes it, so close afterwards.
-                self.state.clock.callLater(
-                    0, session.channel.sink.close, 1008, "too many auth failures"
-                )
+        except (AuthFailed, InvalidParams):
+            if not session.authenticated:
+                self.state.auth_failed(session)
             raise
+        if not self.state.admit_authenticated(session, agent=session.agent_id is not None):
+            limit = self.state.config.max_connections
+            self.state.clock.callLater(0, session.disconnect, 1013, "server busy")
+            raise RpcError(
+                f"server busy: {limit} authenticated connections are open",
+                data={"reason": "connections", "limit": limit},
+            )
         session.authenticated = True
-        if session.auth_timer is not None and session.auth_timer.active():
-            session.auth_timer.cancel()
-        session.auth_timer = None
         if p.memory_namespace is not None:
             session.memory_namespace = p.memory_namespace
             result["memory_namespace"] = p.memory_namespace

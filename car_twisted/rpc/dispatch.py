@@ -103,8 +103,15 @@ class Dispatcher:
                 session.channel.sink.close(1007, "invalid UTF-8 in text frame")
                 return
             session.channel.send(encode_error(None, PARSE_ERROR, f"parse error: {e}"))
+            if not session.authenticated:
+                self.state.auth_failed(session)
             return
         kind = type(msg)
+        if not session.authenticated and not _auth_request(msg):
+            # Before auth, every frame that is not a well-formed
+            # session.auth counts like a wrong token, so an unauthenticated
+            # peer cannot keep a connection busy with malformed requests.
+            self.state.auth_failed(session)
         if (kind is dict or kind is list) and nested_deeper_than(payload, msg, self.max_depth):
             self._too_deep(session, msg)
             return
@@ -223,7 +230,7 @@ class Dispatcher:
             )
 
         try:
-            args = params if spec.params is None else parse_params(spec.params, params)
+            args = params if spec.params is None or not spec.parse_at_edge else parse_params(spec.params, params)
             result = spec.handler(session, args)
         except Exception as e:
             return None if notification else self._error(rid, method, e)
@@ -402,6 +409,17 @@ class Dispatcher:
             )
         )
         session.channel.sink.close(1008, "auth required")
+
+
+def _auth_request(msg: Any) -> bool:
+    """A well-formed ``session.auth`` request envelope (params not checked)."""
+    return (
+        type(msg) is dict
+        and msg.get("method") == "session.auth"
+        and msg.get("jsonrpc") == "2.0"
+        and valid_id(msg.get("id"))
+        and type(msg.get("params", {})) in (dict, list, type(None))
+    )
 
 
 def _is_utf8(payload: bytes) -> bool:

@@ -34,6 +34,10 @@ class MethodSpec:
     @ivar deadline: seconds, or a callable of the parsed params returning
         seconds (or None for the daemon default); overrides
         ``CAR_HANDLER_TIMEOUT`` for this method.
+    @ivar parse_at_edge: the dispatcher parses ``params`` into the params
+        class before the handler runs; False hands the handler the raw
+        value (it parses itself, e.g. to count a malformed call) while
+        ``server.schema`` still describes the class.
     """
 
     name: str
@@ -43,6 +47,7 @@ class MethodSpec:
     requires_handshake: bool = False
     deadline: float | Callable[[Any], float | None] | None = None
     description: str = ""
+    parse_at_edge: bool = True
 
 
 @implementer(IMethodProvider)

@@ -6,6 +6,13 @@ applies the origin policy at the upgrade, opens a ``ClientSession`` on
 open, hands each complete text message to the dispatcher and each binary
 message to the session's binary handler, and closes the session on close.
 
+Until the connection authenticates it is a guest of the factory's
+``Admission`` (a short deadline from TCP accept, a few guest slots,
+messages of a few KiB), and the upgrade request itself is bounded in
+bytes and header lines before anything parses it.  A client that stops
+reading is not read either: its further requests wait unparsed until our
+output drains, and past a byte budget of unread output it is dropped.
+
 Two measured shortcuts keep the hot path lean (see
 ``docs/performance.md``): complete messages are taken in ``onMessageEnd``
 (Autobahn's own ``onMessageFrameBegin`` still enforces the frame and
@@ -16,6 +23,7 @@ messages are never fragmented, so a reply is one unmasked FIN frame).
 
 from __future__ import annotations
 
+import collections
 import fnmatch
 import ipaddress
 from typing import Any
@@ -25,6 +33,7 @@ from autobahn.exception import Disconnected
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.types import ConnectionDeny
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -32,12 +41,17 @@ from zope.interface import implementer
 
 from car_twisted.interfaces import IWsSink
 from car_twisted.rpc.dispatch import Dispatcher
+from car_twisted.ws.admission import Admission
 
 __all__ = ["CarServerProtocol", "CarServerFactory", "origin_is_loopback", "frame_text"]
 
 _OPEN = WebSocketProtocol.STATE_OPEN
 _CLOSED = WebSocketProtocol.STATE_CLOSED
 _COPY_LIMIT = 64 * 1024
+# The upgrade request: bounded before Autobahn parses it (431 beyond).
+MAX_HANDSHAKE_BYTES = 16 * 1024
+MAX_HANDSHAKE_HEADERS = 64
+_CRLF2 = b"\r\n\r\n"
 
 
 def frame_text(payload: bytes) -> bytes:
@@ -48,6 +62,13 @@ def frame_text(payload: bytes) -> bytes:
     if n < 65536:
         return b"\x81\x7e" + n.to_bytes(2, "big")
     return b"\x81\x7f" + n.to_bytes(8, "big")
+
+
+def peer_key(address: Any) -> str:
+    """Who a connection comes from, for the per-peer guest slots."""
+    if isinstance(address, (IPv4Address, IPv6Address)):
+        return address.host
+    return "local"
 
 
 def origin_is_loopback(origin: str) -> bool:
@@ -84,6 +105,7 @@ class _ReadThrottle:
         session = self.protocol.session
         if session is not None:
             session.write_paused = True
+        self.protocol._output_paused()
         self.protocol.transport.pauseProducing()
         if self._timer is None:
             self._timer = self.clock.callLater(self.stall_secs, self._stalled)
@@ -94,11 +116,13 @@ class _ReadThrottle:
         session = self.protocol.session
         if session is not None:
             session.write_paused = False
+            self.protocol._output_resumed()
             for hook in list(session.resume_hooks):
                 try:
                     hook()
                 except Exception:
                     self.protocol._log.failure("resume hook failed")
+            self.protocol._release_held()
 
     def stopProducing(self) -> None:
         self._cancel()
@@ -125,10 +149,25 @@ class CarServerProtocol(WebSocketServerProtocol):
     _log = Logger()
     session: Any = None
     _throttle: _ReadThrottle | None = None
+    # A guest until the session authenticates (see ``Admission``).
+    _promoted = False
+    # Requests read while our output was backed up, dispatched on drain.
+    _held: collections.deque[tuple[bool, bytes]] | None = None
+    # Bytes written while the client was not reading, against the budget.
+    _paused = False
+    _backlog = 0
+    _scanned = 0
 
     # -- Autobahn callbacks --------------------------------------------------
 
     def connectionMade(self) -> None:
+        factory = self.factory
+        config = factory.state.config
+        if factory.state.auth_enabled:
+            # Set before Autobahn copies the factory's options, which it
+            # does only for attributes the protocol does not have yet.
+            self.maxMessagePayloadSize = config.max_preauth_message_bytes
+            self.maxFramePayloadSize = config.max_preauth_message_bytes
         super().connectionMade()
         # Autobahn applies its tcpNoDelay option before it has copied the
         # factory's options onto the protocol, so the call silently does
@@ -138,6 +177,27 @@ class CarServerProtocol(WebSocketServerProtocol):
             self.transport.setTcpNoDelay(True)
         except (AttributeError, OSError):
             pass  # not TCP (a UNIX socket)
+        factory.admission.admit(self, peer_key(self.transport.getPeer()), self._guest_expired, self._evict)
+
+    def connectionLost(self, reason: Any) -> None:
+        self.factory.admission.gone(self)
+        super().connectionLost(reason)
+
+    def processHandshake(self) -> None:
+        # Bound the upgrade request before Autobahn parses it, and look for
+        # its end only in bytes not scanned yet (Autobahn rescans the whole
+        # buffer on every read: quadratic under a trickle of headers).
+        data = self.data
+        end = data.find(_CRLF2, max(0, self._scanned - 3))
+        if end < 0:
+            self._scanned = len(data)
+            if len(data) > MAX_HANDSHAKE_BYTES:
+                self.failHandshake("Request Header Fields Too Large", 431)
+            return
+        if end + 4 > MAX_HANDSHAKE_BYTES or data.count(b"\r\n", 0, end) > MAX_HANDSHAKE_HEADERS:
+            self.failHandshake("Request Header Fields Too Large", 431)
+            return
+        super().processHandshake()
 
     def onConnect(self, request: Any) -> None:
         try:
@@ -166,27 +226,101 @@ class CarServerProtocol(WebSocketServerProtocol):
                 client_id=self.session.client_id,
                 peer=self.peer,
             )
+            if self.session.authenticated:
+                self._promote()  # auth is off
         except Exception:
             self._log.failure("error in onOpen")
             self.dropConnection(abort=True)
 
+    def onMessageFrameBegin(self, length: int) -> None:
+        super().onMessageFrameBegin(length)
+        if self.failedByMe and self.state == WebSocketProtocol.STATE_CLOSING:
+            # Autobahn refused the size and sent its Close (1009); drop now
+            # rather than wait for the peer's, as every close of ours does.
+            self.dropConnection(abort=False)
+
     def onMessageEnd(self) -> None:
         data = self.message_data
         self.message_data = None
-        if self.failedByMe or self.session is None:
+        session = self.session
+        if self.failedByMe or session is None:
             return
-        self.session.active = True
+        session.active = True
         payload = data[0] if len(data) == 1 else b"".join(data)
+        if self._held is not None or session.write_paused:
+            # Our output to this client is backed up: read no further
+            # requests from it until it drains (their replies would only
+            # pile up in memory).
+            if self._held is None:
+                self._held = collections.deque()
+            self._held.append((self.message_is_binary, payload))
+            return
+        self._dispatch(self.message_is_binary, payload)
+
+    def _dispatch(self, binary: bool, payload: bytes) -> None:
+        session = self.session
         try:
-            if self.message_is_binary:
-                self._dispatcher.dispatch_binary(self.session, payload)
+            if binary:
+                self._dispatcher.dispatch_binary(session, payload)
             else:
-                self._dispatcher.dispatch_text(self.session, payload)
+                self._dispatcher.dispatch_text(session, payload)
         except Exception:
             self._log.failure(
                 "error dispatching a frame from client {client_id}",
-                client_id=self.session.client_id,
+                client_id=session.client_id,
             )
+        if not self._promoted and session.authenticated:
+            self._promote()
+
+    def _release_held(self) -> None:
+        """Our output drained: dispatch what was read meanwhile, in order."""
+        held, session = self._held, self.session
+        while held and not session.write_paused and self.state == _OPEN:
+            binary, payload = held.popleft()
+            self._dispatch(binary, payload)
+        if not held:
+            self._held = None
+
+    def _promote(self) -> None:
+        """Authenticated: a guest no more, and full-size messages from now on."""
+        self._promoted = True
+        self.factory.admission.authenticated(self)
+        limit = self.factory.state.config.max_message_bytes
+        self.maxMessagePayloadSize = limit
+        self.maxFramePayloadSize = limit
+
+    def _guest_expired(self) -> None:
+        self._log.info("connection from {peer} did not authenticate in time; closing", peer=self.peer)
+        if self.state == _OPEN:
+            self.close(1008, "authentication timeout")
+        else:
+            self.dropConnection(abort=True)
+
+    def _evict(self) -> None:
+        self.dropConnection(abort=True)
+
+    def _output_paused(self) -> None:
+        self._paused = True
+        self._backlog = 0
+
+    def _output_resumed(self) -> None:
+        self._paused = False
+        self._backlog = 0
+
+    def _over_backlog(self, size: int) -> bool:
+        """Count output written while the client is not reading; drop it past the budget."""
+        self._backlog += size
+        limit = self.factory.state.config.max_output_backlog_bytes
+        if self._backlog <= limit:
+            return False
+        self._log.warn(
+            "client {client_id} left {bytes} bytes of output unread (limit {limit}); dropping it",
+            client_id=getattr(self.session, "client_id", None),
+            bytes=self._backlog,
+            limit=limit,
+        )
+        self.dropConnection(abort=True)
+        return True
 
     def onClose(self, wasClean: bool, code: Any, reason: Any) -> None:
         session = self.session
@@ -194,6 +328,7 @@ class CarServerProtocol(WebSocketServerProtocol):
             return
         if self._throttle is not None:
             self._throttle.stopProducing()
+        self._held = None
         try:
             self.factory.state.close_session(session)
         except Exception:
@@ -213,6 +348,8 @@ class CarServerProtocol(WebSocketServerProtocol):
     def send_text(self, payload: bytes) -> bool:
         if self.state != _OPEN:
             return False
+        if self._paused and self._over_backlog(len(payload)):
+            return False
         if len(payload) < _COPY_LIMIT:
             # One bytes object, one write: cheaper than a two-piece sequence.
             self.transport.write(frame_text(payload) + payload)
@@ -221,6 +358,8 @@ class CarServerProtocol(WebSocketServerProtocol):
         return True
 
     def send_binary(self, payload: bytes) -> bool:
+        if self._paused and self._over_backlog(len(payload)):
+            return False
         try:
             self.sendMessage(payload, isBinary=True)
         except Disconnected:
@@ -247,10 +386,14 @@ class CarServerFactory(WebSocketServerFactory):
     _reaper: LoopingCall | None = None
 
     def __init__(self, state: Any, reactor: Any = None, url: str | None = None) -> None:
-        super().__init__(url=url, reactor=reactor if reactor is not None else state.clock)
+        # server=None: no version banner in any response.
+        super().__init__(url=url, server=None, reactor=reactor if reactor is not None else state.clock)
         self.state = state
         self.dispatcher = Dispatcher(state)
         config = state.config
+        self.admission = Admission(
+            state.clock, config.max_preauth_connections, config.max_preauth_per_peer, config.auth_timeout
+        )
         self._allowed_origins = tuple(config.allowed_origins)
         self.setProtocolOptions(
             maxFramePayloadSize=config.max_message_bytes,
@@ -261,14 +404,18 @@ class CarServerFactory(WebSocketServerFactory):
             # configured patterns.  Autobahn's own check is left open.
             allowedOrigins=["*"],
             allowNullOrigin=False,
-            maxConnections=config.max_connections,
+            # Guests have their own slots (Admission); authenticated
+            # connections are counted at session.auth (ServerState).
+            maxConnections=0,
+            # A plain GET gets a bare 426, not a status page with a version.
+            webStatus=False,
             # Send a real Close (1007, 1009, ...) before dropping, so the
             # client learns why; the close handshake then times out fast.
             failByDrop=False,
             # orjson validates UTF-8 while parsing; the dispatcher closes
             # with 1007 when a text frame that failed to parse is not UTF-8.
             utf8validateIncoming=False,
-            openHandshakeTimeout=10,
+            openHandshakeTimeout=config.auth_timeout,
             closeHandshakeTimeout=1,
             perMessageCompressionAccept=lambda offers: None,
         )

@@ -119,14 +119,41 @@ def test_too_many_failures_close(state, clock):
     assert c.sink.closed_with == (1008, "too many auth failures")
 
 
-def test_auth_timeout(state, clock):
-    """A connection that never authenticates is closed after auth_timeout; an authed one is not."""
-    idle, good = Conn(state), Conn(state)
-    good.call("session.auth", {"token": TOKEN}, 0)
-    clock.advance(state.config.auth_timeout + 0.1)
-    assert idle.sink.closed_with == (1008, "authentication timeout")
-    assert good.sink.closed_with is None
-    assert clock.getDelayedCalls() == []
+@pytest.mark.parametrize(
+    "bad",
+    [{"token": 12345}, {"token": ["x"]}, {"host_token": {"a": 1}}, {"token": "t", "memory_namespace": ""}, ["a"]],
+)
+def test_malformed_auth_counts_as_a_wrong_token(state, clock, bad):
+    """A session.auth of the wrong shape counts toward the limit too, and still answers -32602."""
+    c = Conn(state)
+    for i in range(5):
+        reply = c.call("session.auth", bad, i)
+        assert reply["error"]["code"] == -32602, reply
+    clock.advance(0)
+    assert c.sink.closed_with == (1008, "too many auth failures")
+    assert not c.session.authenticated
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        b"not json",
+        b'{"jsonrpc":"2.0","id":1,"method":"session.auth","params":"x"}',
+        b'{"jsonrpc":"1.0","id":1,"method":"session.auth","params":{}}',
+        b'{"jsonrpc":"2.0","id":[1],"method":"session.auth"}',
+        b"[]",
+        b"42",
+    ],
+)
+def test_malformed_frames_before_auth_are_bounded(state, clock, frame):
+    """Before auth each malformed frame is answered but counts like a wrong token: the fifth closes."""
+    c = Conn(state)
+    for _ in range(5):
+        c.dispatcher.dispatch_text(c.session, frame)
+        (reply,) = c.sink.pop()
+        assert reply["error"]["code"] in (-32700, -32600), reply
+    clock.advance(0)
+    assert c.sink.closed_with == (1008, "too many auth failures")
 
 
 def test_no_auth(tmp_path, clock):

@@ -41,11 +41,16 @@ def test_origin_is_loopback(origin, ok):
 def test_factory_options(tmp_path):
     """Size limits, keep-alive, compression and the connection cap come from the config."""
     state = make_state(tmp_path, Clock(), max_message_bytes=1234, ping_interval=7.0, ping_timeout=3.0,
-                       max_connections=9, allowed_origins=["https://app.example:*"])
+                       max_preauth_connections=9, max_preauth_per_peer=4, auth_timeout=2.5,
+                       allowed_origins=["https://app.example:*"])
     factory = CarServerFactory(state)
     assert factory.maxMessagePayloadSize == 1234 and factory.maxFramePayloadSize == 1234
     assert (factory.autoPingInterval, factory.autoPingTimeout) == (7.0, 3.0)
-    assert factory.maxConnections == 9
+    # Autobahn's own cap is off: guests have the Admission's slots and
+    # authenticated connections are counted at session.auth.
+    assert factory.maxConnections == 0 and factory.webStatus is False and factory.server is None
+    adm = factory.admission
+    assert (adm.max_total, adm.max_per_peer, adm.deadline) == (9, 4, 2.5)
     assert factory.allowNullOrigin is False
     assert factory.perMessageCompressionAccept([object()]) is None
     assert factory.origin_allowed("https://app.example:443")
