@@ -116,13 +116,16 @@ class ClientSession:
         self.pins = max(0, self.pins - 1)
 
     def reapable(self) -> bool:
-        """Idle-closable: nothing pending, nothing pinned, not an agent."""
+        """
+        Idle-closable: a bare connection, holding nothing a reconnect would
+        lose (the client replays nothing), nothing in flight, not an agent.
+        """
         return (
             self.authenticated
             and self.in_flight == 0
-            and self.pins == 0
             and self.agent_id is None
             and self.channel.pending_count() == 0
+            and not self.holds_client_state()
         )
 
     def on_close(self, cleanup: Callable[[], Any]) -> None:

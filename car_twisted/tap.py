@@ -37,6 +37,7 @@ class Options(usage.Options):
         ["car-home", None, None, "State root, an absolute path (also CAR_HOME; default ~/.car)."],
         ["allow-origin", None, None, "Extra browser Origin pattern allowed to upgrade (repeatable)."],
         ["port", None, DEFAULT_TCP_PORT, "TCP port of the default loopback listener.", int],
+        ["idle-timeout", None, None, "Seconds a bare connection may stay silent before it is closed (0: never; default 300).", float],
     ]
 
     def __init__(self) -> None:
@@ -62,6 +63,10 @@ class Options(usage.Options):
             )
             if self["allow-origin"]:
                 self.config_kwargs["allowed_origins"] = tuple(self["allow-origin"])
+            if self["idle-timeout"] is not None:
+                if not self["idle-timeout"] >= 0:
+                    raise ConfigError(f"--idle-timeout must be 0 or more seconds, got {self['idle-timeout']!r}")
+                self.config_kwargs["idle_timeout"] = self["idle-timeout"]
             # Validate now so a bad value stops before anything binds.
             from car_twisted.config import ServerStateConfig
 

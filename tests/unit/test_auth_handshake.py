@@ -310,3 +310,40 @@ def test_idle_sessions_are_reaped(tmp_path, clock):
     state.reap_idle()
     state.reap_idle()
     assert pinned.sink.closed_with == (1000, "idle timeout")
+
+
+@pytest.mark.parametrize(
+    "registers",
+    [
+        ("tools.register", [{"name": "echo"}]),
+        ("policy.register", {"name": "p", "rule": "deny_tool", "target": "x"}),
+        ("session.policy.open", {}),
+        ("state.set", {"key": "k", "value": 1}),
+        ("runs.start", {"intent": "work", "agent_name": "loop"}),
+    ],
+)
+def test_connections_holding_client_state_are_never_reaped(tmp_path, clock, registers):
+    """A connection holding anything its client registered outlives any idle window; only bare ones go."""
+    state = make_state(tmp_path, clock, idle_timeout=100.0)
+    holder, bare = Conn(state), Conn(state)
+    for c in (holder, bare):
+        c.call("session.auth", {"token": TOKEN}, 0)
+    method, params = registers
+    assert "result" in holder.call(method, params, 5)
+    for _ in range(40):
+        clock.advance(30)
+        state.reap_idle()
+    assert bare.sink.closed_with == (1000, "idle timeout")
+    assert holder.sink.closed_with is None
+
+
+def test_idle_timeout_option(tmp_path):
+    """--idle-timeout sets the window; 0 turns reaping off; a negative value is refused."""
+    from car_twisted.tap import Options
+
+    opts = Options()
+    opts.parseOptions(["--car-home", str(tmp_path / "h"), "--idle-timeout", "42"])
+    assert opts.config_kwargs["idle_timeout"] == 42.0
+    with pytest.raises(SystemExit) as e:
+        Options().parseOptions(["--car-home", str(tmp_path / "h"), "--idle-timeout", "-1"])
+    assert e.value.code == 2
