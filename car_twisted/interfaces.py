@@ -133,13 +133,26 @@ class IRunStore(Interface):
     Durable storage of run records.  Every method returns a Deferred;
     appends to one run complete in the order they were made, and an append
     fires only once its records are written (acknowledged means stored).
+    Operations on one run (appends, summary writes, reads, deletes) happen
+    in the order they were made.  The store stores; what to keep is the
+    registry's policy (``car_twisted.runs.retention``).
     """
 
     def append(agent_id, run_id, records):
-        """Append C{records} (dicts) to the run's log."""
+        """
+        Append C{records} (dicts) to the run's log.
+
+        @return: a Deferred firing with the number of bytes the append added
+            to the store (None if the store does not count).
+        """
 
     def write_summary(summary):
-        """Replace the run's summary (status, counts, times)."""
+        """
+        Replace the run's summary (status, counts, times).
+
+        @return: a Deferred firing with the summary's size in bytes (None if
+            the store does not count).
+        """
 
     def read(agent_id, run_id):
         """
@@ -152,3 +165,21 @@ class IRunStore(Interface):
 
     def summaries(agent_id):
         """Every stored run summary of C{agent_id}."""
+
+    def inventory():
+        """
+        Every run the store holds, read once (off the reactor thread) by the
+        registry when it first needs its retention index.
+
+        @return: a Deferred firing with a list of
+            L{car_twisted.runs.model.StoredRun}: agent, run, bytes held,
+            start time (or last write) and whether its summary says ended.
+        """
+
+    def delete(agent_id, run_id):
+        """
+        Remove the run (its log and summary) after every operation on it
+        made before; a run that is not there is no error.
+
+        @return: a Deferred firing with None once it is gone.
+        """

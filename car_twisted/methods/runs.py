@@ -1,9 +1,13 @@
 """
 ``runs.*``: agent run tracing.
 
-Writes (``runs.record_turns``) are for the run's owning agent only; reads
-(``runs.list``, ``runs.get_trace``, ``runs.subscribe``) for the owning
-agent's connection or the host role.  See ``car_twisted.runs.registry``.
+``runs.start`` names only the connection's own agent (or an unbound
+caller's ``agent_name``) and is bounded by the open-run caps and the store
+quota; writes (``runs.record_turns``) are for the run's owning agent only;
+reads (``runs.list``, ``runs.get_trace``, ``runs.subscribe``) for the
+owning agent's connection or the host role.  See
+``car_twisted.runs.registry`` and, for what the store keeps,
+``car_twisted.runs.retention``.
 """
 
 from __future__ import annotations
@@ -66,7 +70,12 @@ class RunMethods:
 
     def methods(self) -> Iterable[MethodSpec]:
         return (
-            MethodSpec("runs.start", self.start, params=StartParams, description="Open a run; answers {run_id, agent_id}."),
+            MethodSpec(
+                "runs.start",
+                self.start,
+                params=StartParams,
+                description="Open a run (within the open-run caps); answers {run_id, agent_id}.",
+            ),
             MethodSpec("runs.record_turns", self.record_turns, description="Append turns to your own run."),
             MethodSpec("runs.complete", self.complete, params=CompleteParams, description="Record the run's outcome."),
             MethodSpec("runs.subscribe", self.subscribe, params=RunIdParams, description="Snapshot plus live runs.trace.event."),

@@ -1,6 +1,7 @@
 """
 Agent run tracing: the seed's ``RunMeta``, ``RecordRunTurnsOutcome`` and
-constants, plus the turn bounding rules.
+constants, the turn bounding rules and ``StoredRun`` (a run as the store
+holds it, for the retention policy).
 
 A run is one ``runs.start`` / ``runs.complete`` bracket around an agent
 loop, keyed by a durable ``run_id``.  Its records are ``started``, one
@@ -9,6 +10,7 @@ loop, keyed by a durable ``run_id``.  Its records are ``started``, one
 
 from __future__ import annotations
 
+import datetime
 import re
 from typing import Any
 
@@ -22,6 +24,7 @@ __all__ = [
     "MAX_TURN_BYTES",
     "MAX_TURN_STRING",
     "RunMeta",
+    "StoredRun",
     "Appended",
     "RunNotFound",
     "RunTerminal",
@@ -29,6 +32,7 @@ __all__ = [
     "TurnTooLarge",
     "RecordRunTurnsOutcome",
     "bound_turn",
+    "epoch_seconds",
     "valid_key",
 ]
 
@@ -73,6 +77,9 @@ class RunMeta:
     ended_at: str | None = None
     owner: Any = attrs.field(default=None, repr=False)
     grace_timer: Any = attrs.field(default=None, repr=False)
+    # True while the run holds a pin on ``owner`` (from runs.start until
+    # it is terminal or the owner's connection closes).
+    pinned: bool = attrs.field(default=False, repr=False)
 
     @property
     def terminal(self) -> bool:
@@ -104,6 +111,38 @@ class RunMeta:
         if self.ended_at is not None:
             out["ended_at"] = self.ended_at
         return out
+
+
+@attrs.frozen
+class StoredRun:
+    """
+    One run as the store holds it: what the retention policy weighs.
+
+    @ivar bytes: everything the run takes in the store (its log and its
+        summary).
+    @ivar started: seconds since the epoch: the run's ``started_at``, else
+        the time its log was last written.
+    @ivar ended: its summary says it is no longer ``in_progress``.
+    """
+
+    agent_id: str
+    run_id: str
+    bytes: int
+    started: float
+    ended: bool
+
+
+def epoch_seconds(stamp: Any) -> float | None:
+    """An RFC 3339 timestamp (``started_at``) as epoch seconds, or None."""
+    if type(stamp) is not str:
+        return None
+    try:
+        when = datetime.datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    return when.timestamp()
 
 
 @attrs.frozen

@@ -1,12 +1,14 @@
 """
 The run registry on ``ServerState``: ``runs.*`` state, the ceiling, the
-disconnect grace window and the live trace fan-out.
+open-run caps, the store's retention policy, the disconnect grace window
+and the live trace fan-out.
 
 Every check-then-act here is synchronous on the reactor thread: the
 ceiling check reserves its turn indices before the store's (threaded)
 write starts, so pipelined batches from any number of connections can
-never take a run past ``RECORD_TURNS_RUN_CEILING``, and a terminal status
-is set before the terminal record is written.
+never take a run past ``RECORD_TURNS_RUN_CEILING``; the open-run caps and
+the store quota are checked and the new run counted in the same step; and
+a terminal status is set before the terminal record is written.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import uuid
 from typing import Any
 
 import orjson
-from twisted.internet.defer import ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.logger import Logger
 
 from car_twisted._util import iso_utc
@@ -36,6 +38,7 @@ from car_twisted.runs.model import (
     bound_turn,
     valid_key,
 )
+from car_twisted.runs.retention import RunLimits, StoreRetention, limit_error
 
 __all__ = ["RunRegistry", "MAX_PAGE_BYTES", "SUBSCRIBER_BACKLOG_BYTES"]
 
@@ -90,8 +93,14 @@ class RunRegistry:
         self.store = store
         self.grace = grace
         self.config = config
+        self.limits = RunLimits.from_config(config)
         self.runs: dict[str, RunMeta] = {}
         self._subscribers: dict[str, dict[str, _Subscriber]] = {}
+        # Open (started, not yet terminal) runs per agent and per starting
+        # connection (by client id, while it is open).
+        self._open_by_agent: collections.Counter[str] = collections.Counter()
+        self._open_by_client: collections.Counter[str] = collections.Counter()
+        self.retention = StoreRetention(store, self.limits, on_pruned=self._pruned)
 
     # -- helpers ---------------------------------------------------------------------
 
@@ -134,21 +143,86 @@ class RunRegistry:
 
     def _persist(self, meta: RunMeta, records: list[dict[str, Any]]) -> Any:
         """Lifecycle records (started, ended): the record, then the summary."""
-        d = self.store.append(meta.agent_id, meta.run_id, records)
-        return d.addCallback(lambda _: self.store.write_summary(meta.summary()))
+        d = self._append(meta, records)
+        d.addCallback(lambda _: self.store.write_summary(meta.summary()))
+        return d.addCallback(self._summary_written, meta)
+
+    def _append(self, meta: RunMeta, records: list[dict[str, Any]]) -> Deferred:
+        """Every append of the registry: the store's, with its bytes booked."""
+        return self.store.append(meta.agent_id, meta.run_id, records).addCallback(self._grown, meta)
+
+    def _grown(self, written: Any, meta: RunMeta) -> Any:
+        self.retention.grew(meta.agent_id, meta.run_id, written)
+        return written
+
+    def _summary_written(self, size: Any, meta: RunMeta) -> Any:
+        self.retention.summary_written(meta.agent_id, meta.run_id, size)
+        return size
+
+    def _pruned(self, agent_id: str, run_id: str) -> None:
+        meta = self.runs.get(run_id)
+        if meta is not None and meta.terminal and meta.agent_id == agent_id:
+            del self.runs[run_id]
+
+    # -- open runs ---------------------------------------------------------------------------
+
+    def _check_room(self, session: Any, agent_id: str) -> None:
+        """The open-run caps and the store quota, before a new run."""
+        limit = self.limits.open_per_agent
+        if self._open_by_agent[agent_id] >= limit:
+            raise limit_error(
+                f"too many open runs for agent {agent_id} (max_open_runs_per_agent = {limit}); complete one first",
+                "open_run_limit",
+                limit,
+            )
+        limit = self.limits.open_per_connection
+        if self._open_by_client[session.client_id] >= limit:
+            raise limit_error(
+                f"too many open runs on this connection (max_open_runs_per_connection = {limit}); complete one first",
+                "open_run_limit",
+                limit,
+            )
+        if self.retention.full():
+            raise self.retention.full_error()
+
+    def _opened(self, meta: RunMeta, session: Any) -> None:
+        self._open_by_agent[meta.agent_id] += 1
+        self._open_by_client[session.client_id] += 1
+        # An open run keeps its connection from being reaped as idle.
+        session.pin()
+        meta.pinned = True
+        self.retention.started(meta.agent_id, meta.run_id)
+
+    def _closed(self, meta: RunMeta) -> None:
+        """The run turned terminal: free its open-run slots and its pin."""
+        _decrement(self._open_by_agent, meta.agent_id)
+        if meta.owner is not None:
+            _decrement(self._open_by_client, meta.owner.client_id)
+        self._unpin(meta)
+
+    @staticmethod
+    def _unpin(meta: RunMeta) -> None:
+        if meta.pinned and meta.owner is not None:
+            meta.owner.unpin()
+        meta.pinned = False
 
     # -- runs.start ------------------------------------------------------------------------
 
     async def start(self, session: Any, p: Any) -> dict[str, Any]:
         agent_id = self._resolve_agent(session, p)
         key = p.idempotency_key
+        if key is not None and not valid_key(key):
+            raise InvalidParams("idempotency_key", "letters, digits, '.', '_', ':' and '-' only, at most 128")
+        await self.retention.ready()
         if key is not None:
-            if not valid_key(key):
-                raise InvalidParams("idempotency_key", "letters, digits, '.', '_', ':' and '-' only, at most 128")
             existing = await self._existing(key, agent_id)
             if existing is not None:
+                # A re-start of the same run: no new run, nothing counted.
                 session.current_run = key
                 return {"run_id": key, "agent_id": agent_id}
+        # No await from here to _opened: the caps and the quota are checked
+        # and the run counted in one step.
+        self._check_room(session, agent_id)
         run_id = key or self._mint()
         meta = RunMeta(
             run_id=run_id,
@@ -160,10 +234,25 @@ class RunRegistry:
             owner=session,
         )
         self._remember(meta)
+        # Counted before the close hook: a connection already gone gets its
+        # pin and slot released by it at once.
+        self._opened(meta, session)
         self._hook(session)
         # Set before the ack: a proposal sent right after it is this run's.
         session.current_run = run_id
-        await self._persist(meta, [meta.started_record()])
+        try:
+            await self._persist(meta, [meta.started_record()])
+        except Exception:
+            self._log.failure("run store write failed for new run {run_id}", run_id=run_id)
+            # Nothing would ever end a run that was never stored: free its
+            # slots now rather than hold them for the daemon's life.
+            meta.status = "incomplete"
+            meta.ended_at = iso_utc(self.clock.seconds())
+            self._closed(meta)
+            self.retention.ended(meta.agent_id, meta.run_id)
+            if session.current_run == run_id:
+                session.current_run = None
+            raise RpcError(f"run {run_id}: could not be stored") from None
         self._fan_out(meta, meta.started_record(), 0)
         self._log.info("run {run_id} started for agent {agent_id}", run_id=run_id, agent_id=agent_id)
         return {"run_id": run_id, "agent_id": agent_id}
@@ -176,19 +265,25 @@ class RunRegistry:
         if p.agent_id is not None:
             if not valid_key(p.agent_id):
                 raise InvalidParams("agent_id", "not a valid agent id")
-            if bound is not None and p.agent_id != bound:
+            # Naming an agent is for that agent's own connection: anything
+            # else could write a trace in another agent's name.
+            if bound is None:
+                raise InvalidParams(
+                    "agent_id",
+                    "only a connection bound to that agent (session.auth {agent_id, token}) may name it; "
+                    "give agent_name instead",
+                )
+            if p.agent_id != bound:
                 raise InvalidParams("agent_id", "does not match this connection's agent binding")
         if bound is not None:
             return bound
-        if p.agent_id is not None:
-            return p.agent_id
         if p.agent_name:
             slug = _slug(p.agent_name)
             if slug:
                 return f"name:{slug}"
         raise InvalidParams(
             "agent_id",
-            "cannot resolve the run's agent: bind the connection (session.auth {agent_id}) or give agent_id or agent_name",
+            "cannot resolve the run's agent: bind the connection (session.auth {agent_id, token}) or give agent_name",
         )
 
     async def _existing(self, key: str, agent_id: str) -> RunMeta | dict | None:
@@ -212,6 +307,8 @@ class RunRegistry:
         """
         Validate, bound and reserve a batch in one synchronous step.
         @return: the outcome and, when appended, the records to write.
+        @raise RpcError: bad params (``-32602``), or the store is full
+            (``run_store_full``).
         """
         if type(run_id) is not str or not run_id or type(turns) is not list or not turns:
             raise RpcError(_BAD_TURNS, code=-32602, data={"field": "turns" if type(run_id) is str and run_id else "run_id"})
@@ -224,6 +321,8 @@ class RunRegistry:
             return RunNotFound(), None
         if meta.terminal:
             return RunTerminal(), None
+        if self.retention.full():
+            raise self.retention.full_error()
         bounded = [bound_turn(t) for t in turns]
         if any(b is None for b in bounded):
             return TurnTooLarge(), None
@@ -240,7 +339,7 @@ class RunRegistry:
             return {"run_id": run_id, "base_index": 0, "count": 0, "ok": False, "dropped": outcome.dropped}
         meta, records = work
         try:
-            await self.store.append(meta.agent_id, meta.run_id, records)
+            await self._append(meta, records)
         except Exception:
             self._log.failure("run store append failed for {run_id}", run_id=meta.run_id)
             raise RpcError(f"run {meta.run_id}: the turns could not be stored") from None
@@ -280,8 +379,15 @@ class RunRegistry:
         for start in range(0, len(turns), MAX_TURNS_PER_BATCH):
             try:
                 await self.record(session, run_id, turns[start : start + MAX_TURNS_PER_BATCH])
-            except RpcError:
-                return  # logged by record(); the proposal's own answer stands
+            except RpcError as e:
+                # The proposal's own answer stands; the trace misses these turns.
+                self._log.warn(
+                    "proposal {proposal_id} not recorded into run {run_id}: {why}",
+                    proposal_id=result.proposal_id,
+                    run_id=run_id,
+                    why=e.message,
+                )
+                return
 
     # -- runs.complete and the grace window ---------------------------------------------------------
 
@@ -305,8 +411,15 @@ class RunRegistry:
     async def _end(self, meta: RunMeta, status: str, extra: dict[str, Any]) -> None:
         meta.status = status
         meta.ended_at = iso_utc(self.clock.seconds())
+        self._closed(meta)
         record = {"record": "ended", "status": status, "ended_at": meta.ended_at, **extra}
-        await self._persist(meta, [record])
+        try:
+            await self._persist(meta, [record])
+        finally:
+            # Prunable only now that its last writes are done: a delete
+            # queued before its summary write would leave that behind.
+            self.retention.ended(meta.agent_id, meta.run_id)
+            self.retention.prune((meta.agent_id,))
         self._fan_out(meta, record, meta.turn_count)
         self._log.info("run {run_id} ended: {status}", run_id=meta.run_id, status=status)
 
@@ -323,9 +436,12 @@ class RunRegistry:
                 del self._subscribers[run_id]
         for meta in list(self.runs.values()):
             if meta.owner is session:
+                self._unpin(meta)
                 meta.owner = None
                 if not meta.terminal and meta.grace_timer is None:
                     meta.grace_timer = self.clock.callLater(self.grace, self._grace_expired, meta)
+        # Its open runs still count for their agents; the connection is gone.
+        self._open_by_client.pop(session.client_id, None)
 
     def _grace_expired(self, meta: RunMeta) -> None:
         meta.grace_timer = None
@@ -432,6 +548,13 @@ class RunRegistry:
         if truncated:
             out["next_cursor"] = cursor + len(page)
         return out
+
+
+def _decrement(counter: collections.Counter[str], key: str) -> None:
+    if counter[key] > 1:
+        counter[key] -= 1
+    else:
+        counter.pop(key, None)
 
 
 def _fit(records: list[dict[str, Any]], from_start: bool = False) -> tuple[list[dict[str, Any]], bool]:

@@ -9,6 +9,10 @@ file (``os.write``: a daemon crash after the ack loses nothing).  With
 ``fsync=True`` every batch is also synced to disk.  Readers ignore a torn
 last line, the trace of a crash mid-write.  Summaries are replaced
 atomically (temp + rename).
+
+``inventory`` lists what the store holds and ``delete`` removes a run;
+the retention policy that uses them lives in the registry
+(``car_twisted.runs.retention``): the store only stores.
 """
 
 from __future__ import annotations
@@ -25,9 +29,12 @@ from zope.interface import implementer
 
 from car_twisted._util import off_reactor
 from car_twisted.interfaces import IRunStore
-from car_twisted.runs.model import valid_key
+from car_twisted.runs.model import StoredRun, epoch_seconds, valid_key
 
 __all__ = ["JsonlRunStore", "read_records"]
+
+_LOG = ".jsonl"
+_SUMMARY = ".summary.json"
 
 
 def read_records(path: Path) -> list[dict[str, Any]] | None:
@@ -58,7 +65,6 @@ class JsonlRunStore:
         self.root = root
         self.fsync = fsync
         self._queues: dict[str, list[Any]] = {}
-        self._made: set[Path] = set()
 
     # -- paths ---------------------------------------------------------------------
 
@@ -70,7 +76,7 @@ class JsonlRunStore:
     def _file(self, agent_id: str, run_id: str) -> Path:
         if not valid_key(run_id):
             raise ValueError(f"unsafe run id {run_id!r}")
-        return self._dir(agent_id) / f"{run_id}.jsonl"
+        return self._dir(agent_id) / f"{run_id}{_LOG}"
 
     # -- off the reactor -----------------------------------------------------------
 
@@ -105,11 +111,8 @@ class JsonlRunStore:
         payload = b"".join(orjson.dumps(r) + b"\n" for r in records)
         return self._serial(run_id, self._write, path, payload)
 
-    def _write(self, path: Path, payload: bytes) -> None:
-        if path.parent not in self._made:
-            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            self._made.add(path.parent)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    def _write(self, path: Path, payload: bytes) -> int:
+        fd = self._open_log(path)
         try:
             view = memoryview(payload)
             while view:
@@ -119,15 +122,29 @@ class JsonlRunStore:
                 os.fdatasync(fd)
         finally:
             os.close(fd)
+        return len(payload)
+
+    @staticmethod
+    def _open_log(path: Path) -> int:
+        # The agent's directory may be missing, or removed by a delete of
+        # its last run (in another thread) just before this open: make it
+        # and try again rather than keep a cache of directories made.
+        for _ in range(3):
+            try:
+                return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            except FileNotFoundError:
+                path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
 
     def write_summary(self, summary: dict[str, Any]) -> Deferred:
-        path = self._file(summary["agent_id"], summary["run_id"]).with_suffix(".summary.json")
+        path = self._file(summary["agent_id"], summary["run_id"]).with_suffix(_SUMMARY)
         return self._serial(summary["run_id"], self._replace, path, json.dumps(summary))
 
-    def _replace(self, path: Path, text: str) -> None:
+    def _replace(self, path: Path, text: str) -> int:
         from car_twisted.auth import write_secret_file
 
         write_secret_file(path, text)
+        return len(text.encode()) + 1  # write_secret_file adds a newline
 
     def read(self, agent_id: str, run_id: str) -> Deferred:
         return self._serial(run_id, read_records, self._file(agent_id, run_id))
@@ -142,7 +159,7 @@ class JsonlRunStore:
             except FileNotFoundError:
                 return None
             for agent_id in agents:
-                if valid_key(agent_id) and (self.root / agent_id / f"{run_id}.jsonl").exists():
+                if valid_key(agent_id) and (self.root / agent_id / f"{run_id}{_LOG}").exists():
                     return agent_id
             return None
 
@@ -158,7 +175,7 @@ class JsonlRunStore:
             except FileNotFoundError:
                 return out
             for name in names:
-                if not name.endswith(".summary.json"):
+                if not name.endswith(_SUMMARY):
                     continue
                 try:
                     out.append(json.loads((directory / name).read_text()))
@@ -167,3 +184,83 @@ class JsonlRunStore:
             return out
 
         return self._blocking(scan)
+
+    def inventory(self) -> Deferred:
+        return self._blocking(self._scan_all)
+
+    def _scan_all(self) -> list[StoredRun]:
+        out: list[StoredRun] = []
+        try:
+            agents = os.listdir(self.root)
+        except FileNotFoundError:
+            return out
+        for agent_id in agents:
+            if valid_key(agent_id):
+                out.extend(self._scan_agent(agent_id, self.root / agent_id))
+        return out
+
+    def _scan_agent(self, agent_id: str, directory: Path) -> list[StoredRun]:
+        try:
+            entries = list(os.scandir(directory))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        # run id -> [log bytes, summary bytes, log mtime, summary path]
+        found: dict[str, list[Any]] = {}
+        for entry in entries:
+            name = entry.name
+            if name.endswith(_SUMMARY):
+                run_id, is_log = name[: -len(_SUMMARY)], False
+            elif name.endswith(_LOG):
+                run_id, is_log = name[: -len(_LOG)], True
+            else:
+                continue  # a summary's temp file, or not ours
+            if not valid_key(run_id):
+                continue
+            try:
+                st = entry.stat()
+            except FileNotFoundError:
+                continue
+            slot = found.setdefault(run_id, [0, 0, None, None])
+            if is_log:
+                slot[0], slot[2] = st.st_size, st.st_mtime
+            else:
+                slot[1], slot[3] = st.st_size, Path(entry.path)
+                if slot[2] is None:
+                    slot[2] = st.st_mtime
+        runs = []
+        for run_id, (log_bytes, summary_bytes, mtime, summary_path) in found.items():
+            summary = self._load_summary(summary_path) if summary_path is not None else {}
+            started = epoch_seconds(summary.get("started_at"))
+            runs.append(
+                StoredRun(
+                    agent_id=agent_id,
+                    run_id=run_id,
+                    bytes=log_bytes + summary_bytes,
+                    started=started if started is not None else float(mtime or 0.0),
+                    ended=summary.get("status", "in_progress") != "in_progress",
+                )
+            )
+        return runs
+
+    def _load_summary(self, path: Path) -> dict[str, Any]:
+        try:
+            summary = json.loads(path.read_text())
+        except (OSError, ValueError):
+            self._log.warn("unreadable run summary {path}", path=str(path))
+            return {}
+        return summary if type(summary) is dict else {}
+
+    def delete(self, agent_id: str, run_id: str) -> Deferred:
+        return self._serial(run_id, self._remove, self._file(agent_id, run_id))
+
+    @staticmethod
+    def _remove(log: Path) -> None:
+        for path in (log, log.with_suffix(_SUMMARY)):
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+        try:
+            log.parent.rmdir()  # an agent's last run: no empty directory left behind
+        except OSError:
+            pass  # it still holds other runs (or is gone already)

@@ -101,7 +101,9 @@ def test_agent_resolution(state):
     assert bound.call("runs.start", {"intent": "x", "agent_id": "other"})["error"]["data"]["field"] == "agent_id"
     unbound = Conn(state)
     assert unbound.result("runs.start", {"intent": "x", "agent_name": "Run Scenarios!"})["agent_id"] == "name:run-scenarios"
-    assert unbound.result("runs.start", {"intent": "x", "agent_id": "explicit"})["agent_id"] == "explicit"
+    # Naming an agent is for that agent's own connection: no forged traces.
+    refused = unbound.call("runs.start", {"intent": "x", "agent_id": "explicit"})["error"]
+    assert refused["code"] == -32602 and refused["data"]["field"] == "agent_id"
     assert unbound.call("runs.start", {"intent": "x"})["error"]["code"] == -32602
     assert unbound.call("runs.start", {"intent": "x", "agent_id": "../etc"})["error"]["data"]["field"] == "agent_id"
 
