@@ -15,6 +15,8 @@ from pathlib import Path
 
 from twisted.logger import Logger
 
+from car_twisted.private_files import ensure_private_dir, open_private, read_private
+
 __all__ = [
     "mint_token",
     "tokens_equal",
@@ -39,13 +41,6 @@ def tokens_equal(given: object, expected: str | None) -> bool:
     return hmac.compare_digest(given.encode(), expected.encode())
 
 
-def ensure_private_dir(path: Path) -> None:
-    """Create C{path} (and parents) 0700; tighten it if we just made it."""
-    if not path.is_dir():
-        path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(path, 0o700)
-
-
 def write_secret_file(path: Path, content: str) -> None:
     """
     Atomically replace C{path} with C{content}, mode 0600, in a 0700
@@ -53,7 +48,7 @@ def write_secret_file(path: Path, content: str) -> None:
     """
     ensure_private_dir(path.parent)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    fd = open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     try:
         os.fchmod(fd, 0o600)
         os.write(fd, content.encode() + b"\n")
@@ -66,7 +61,7 @@ def write_secret_file(path: Path, content: str) -> None:
 def remove_if_ours(path: Path, content: str) -> bool:
     """Remove C{path} only if it still holds C{content} (ours)."""
     try:
-        if path.read_text().strip() != content:
+        if read_private(path).decode(errors="replace").strip() != content:
             return False
         path.unlink()
         return True
@@ -87,7 +82,9 @@ class PrimaryLock:
 
     def acquire(self) -> bool:
         ensure_private_dir(self.path.parent)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        # Never through a symlink: one planted here would have us truncate
+        # whatever it points at.
+        fd = open_private(self.path, os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:

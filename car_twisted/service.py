@@ -11,25 +11,26 @@ from __future__ import annotations
 
 import errno
 import gc
+import os
 import re
 import socket
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
-from car_twisted.auth import (
-    PrimaryLock,
-    ensure_private_dir,
-    remove_if_ours,
-    write_secret_file,
-)
+from car_twisted.auth import PrimaryLock, remove_if_ours, write_secret_file
+from car_twisted.paths import ConfigError
+from car_twisted.private_files import check_private_paths, ensure_private_dir
 from car_twisted.ws.protocol import CarServerFactory
 
 __all__ = [
     "DEFAULT_TCP_PORT",
+    "StartupError",
     "ListenerService",
     "CarDaemonService",
     "make_car_service",
@@ -40,13 +41,25 @@ __all__ = [
 ]
 
 DEFAULT_TCP_PORT = 9100
+EXIT_CONFIG = 2
+EXIT_STARTUP = 1
 _log = Logger()
 
 
+class StartupError(Exception):
+    """The daemon cannot start (its socket is taken, say); said in one line."""
+
+
 def unix_socket_description(path: Path) -> str:
-    """The endpoint string for our UNIX socket: 0600, with a lock file."""
+    """
+    The endpoint string for our UNIX socket: 0600, and no lock file.
+    Twisted's lock file names a pid, which outlives a ``kill -9`` as a
+    zombie or a reused pid; whether a daemon answers on the socket is what
+    decides (``clear_stale_socket``), and the primary's ``flock`` keeps
+    two daemons from taking the shared socket at once.
+    """
     escaped = str(path).replace("\\", "\\\\").replace(":", "\\:")
-    return f"unix:{escaped}:mode=600:lockfile=1"
+    return f"unix:{escaped}:mode=600:lockfile=0"
 
 
 def _split(description: str) -> list[str]:
@@ -55,15 +68,19 @@ def _split(description: str) -> list[str]:
 
 def secure_endpoint_description(description: str) -> str:
     """
-    A UNIX listener without an explicit ``mode=`` gets ``mode=600``
-    (Twisted's own default is 0666).  Other endpoints pass unchanged.
+    A UNIX listener gets ``mode=600`` (Twisted's own default is 0666) and
+    ``lockfile=0`` (Twisted's pid lock file is on by default; the socket's
+    liveness decides instead) unless it says otherwise.  Other endpoints
+    pass unchanged.
     """
     parts = _split(description)
     if parts[0].strip().lower() != "unix":
         return description
-    if any(p.startswith("mode=") for p in parts[2:]):
-        return description
-    return description + ":mode=600"
+    if not any(p.startswith("mode=") for p in parts[2:]):
+        description += ":mode=600"
+    if not any(p.startswith("lockfile=") for p in parts[2:]):
+        description += ":lockfile=0"
+    return description
 
 
 def unix_path(description: str) -> Path | None:
@@ -90,19 +107,23 @@ def _socket_is_live(path: Path) -> bool:
 
 def clear_stale_socket(path: Path) -> bool:
     """
-    Remove a socket file nobody listens on (a crashed daemon's).
+    Remove a socket file nobody answers on (a crashed daemon's), and the
+    pid lock file an earlier version kept beside it.
     @return: True if a live listener holds it.
     """
-    if not path.exists():
-        return False
     if _socket_is_live(path):
         return True
-    try:
-        path.unlink()
-        _log.info("removed stale socket {path}", path=str(path))
-    except OSError as e:
-        if e.errno != errno.ENOENT:
-            raise
+    for stale in (path, path.with_name(path.name + ".lock")):
+        try:
+            os.lstat(stale)
+        except FileNotFoundError:
+            continue
+        try:
+            stale.unlink()
+            _log.info("removed stale socket file {path}", path=str(stale))
+        except OSError as e:
+            if e.errno != errno.ENOENT:
+                raise
     return False
 
 
@@ -136,7 +157,10 @@ class ListenerService(Service):
         super().startService()
         path = unix_path(self.description)
         if path is not None:
-            ensure_private_dir(path.parent)
+            if not path.parent.exists():
+                ensure_private_dir(path.parent)
+            if clear_stale_socket(path):
+                raise StartupError(f"socket {path} is in use by a running daemon")
         endpoint = serverFromString(self.reactor, self.description)
         failures: list[Any] = []
         d = endpoint.listen(self.factory)
@@ -218,10 +242,12 @@ class CarDaemonService(MultiService):
         reactor: Any,
         listen: Sequence[str] | None,
         port: int = DEFAULT_TCP_PORT,
+        exit_on_failure: bool = False,
     ) -> None:
         super().__init__()
         self.state = state
         self.reactor = reactor
+        self.exit_on_failure = exit_on_failure
         self.paths = state.config.paths
         self.explicit_listen = list(listen) if listen else None
         self.port = port
@@ -231,6 +257,23 @@ class CarDaemonService(MultiService):
         self._published: list[tuple[Path, str]] = []
 
     def startService(self) -> None:
+        try:
+            self._start()
+        except Exception as e:
+            if not self.exit_on_failure:
+                raise
+            # twist car: one clear line and a non-zero exit, not a
+            # traceback (which still goes to the log for anything odd).
+            if not isinstance(e, (ConfigError, StartupError, CannotListenError, OSError)):
+                self._log.failure("daemon start-up failed")
+            sys.stderr.write(f"twist car: {_one_line(e)}\n")
+            sys.stderr.flush()
+            raise SystemExit(EXIT_CONFIG if isinstance(e, ConfigError) else EXIT_STARTUP)
+
+    def _start(self) -> None:
+        # Before anything is read or written there: a state root another
+        # user prepared (or can change) is refused outright.
+        check_private_paths([self.paths.home, self.paths.token_dir, self.paths.socket_dir])
         self.primary = self.lock.acquire() and not _socket_is_live(self.paths.shared_socket)
         if self.primary:
             self._log.info(
@@ -288,10 +331,6 @@ class CarDaemonService(MultiService):
             self._log.warn(
                 "secondary daemon: binding {path} instead of the shared socket", path=str(path)
             )
-        if clear_stale_socket(path):
-            raise RuntimeError(f"socket {path} is in use by a running daemon")
-        # lockfile=1 makes Twisted keep <path>.lock; a stale one from a
-        # crash is cleaned by Twisted itself.
         return unix_socket_description(path)
 
     def _publish_tokens(self) -> None:
@@ -325,9 +364,17 @@ def make_daemon_service(
     reactor: Any,
     listen: Sequence[str] | None = None,
     port: int = DEFAULT_TCP_PORT,
+    exit_on_failure: bool = False,
 ) -> CarDaemonService:
     """
     The ``twist car`` service: listeners plus the daemon's own duties.
     Without C{listen}: TCP C{port} on 127.0.0.1 and the UNIX socket.
+    With C{exit_on_failure}, a start-up failure prints one line to stderr
+    and exits (2 for configuration, 1 otherwise) instead of raising.
     """
-    return CarDaemonService(state, reactor, listen, port)
+    return CarDaemonService(state, reactor, listen, port, exit_on_failure)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text

@@ -15,12 +15,10 @@ from twisted.python import usage
 
 from car_twisted._reactor import maybe_global_reactor
 from car_twisted.paths import ConfigError
-from car_twisted.service import DEFAULT_TCP_PORT, make_daemon_service
+from car_twisted.service import DEFAULT_TCP_PORT, EXIT_CONFIG, make_daemon_service
 from car_twisted.state import ServerState
 
 __all__ = ["Options", "makeService", "EXIT_CONFIG"]
-
-EXIT_CONFIG = 2
 
 
 class Options(usage.Options):
@@ -79,4 +77,6 @@ class Options(usage.Options):
 def makeService(options: Options, reactor: Any = None) -> Any:
     reactor = maybe_global_reactor(reactor)
     state = ServerState.standalone(reactor, **getattr(options, "config_kwargs", {}))
-    return make_daemon_service(state, reactor, options["listen"] or None, port=options["port"])
+    return make_daemon_service(
+        state, reactor, options["listen"] or None, port=options["port"], exit_on_failure=True
+    )

@@ -29,6 +29,7 @@ from zope.interface import implementer
 
 from car_twisted._util import off_reactor
 from car_twisted.interfaces import IRunStore
+from car_twisted.private_files import ensure_private_dir, open_private, read_private
 from car_twisted.runs.model import StoredRun, epoch_seconds, valid_key
 
 __all__ = ["JsonlRunStore", "read_records"]
@@ -40,7 +41,7 @@ _SUMMARY = ".summary.json"
 def read_records(path: Path) -> list[dict[str, Any]] | None:
     """Every whole record of a run file; a torn or corrupt tail is skipped."""
     try:
-        data = path.read_bytes()
+        data = read_private(path)
     except FileNotFoundError:
         return None
     records = []
@@ -131,10 +132,10 @@ class JsonlRunStore:
         # and try again rather than keep a cache of directories made.
         for _ in range(3):
             try:
-                return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+                return open_private(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
             except FileNotFoundError:
-                path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+                ensure_private_dir(path.parent)
+        return open_private(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
 
     def write_summary(self, summary: dict[str, Any]) -> Deferred:
         path = self._file(summary["agent_id"], summary["run_id"]).with_suffix(_SUMMARY)
@@ -178,7 +179,7 @@ class JsonlRunStore:
                 if not name.endswith(_SUMMARY):
                     continue
                 try:
-                    out.append(json.loads((directory / name).read_text()))
+                    out.append(json.loads(read_private(directory / name)))
                 except (OSError, ValueError):
                     self._log.warn("unreadable run summary {name}", name=name)
             return out
@@ -244,7 +245,7 @@ class JsonlRunStore:
 
     def _load_summary(self, path: Path) -> dict[str, Any]:
         try:
-            summary = json.loads(path.read_text())
+            summary = json.loads(read_private(path))
         except (OSError, ValueError):
             self._log.warn("unreadable run summary {path}", path=str(path))
             return {}

@@ -162,9 +162,9 @@ async def test_kill_9_mid_append_loses_nothing_acknowledged(reactor, tmp_path):
 
     proc = await boot()
     try:
-        token = (home / "ai.parslee.car" / "auth-token").read_text().strip()
+        host_token = (home / "ai.parslee.car" / "host-token").read_text().strip()
         op = await WsTestClient.connect(reactor, f"tcp:127.0.0.1:{port}")
-        await op.authenticate(token=token)
+        assert (await op.call("session.auth", {"host_token": host_token}, rid=0))["result"]["role"] == "host"
         await op.result("agents.upsert", {"id": "durable", "command": os.path.realpath(sys.executable)})
         agent_token = json.loads((home / "agents.json").read_text())["agents"][0]["token"]
         agent = await WsTestClient.connect(reactor, f"tcp:127.0.0.1:{port}")

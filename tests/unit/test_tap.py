@@ -114,11 +114,11 @@ def test_tokens_are_current_before_any_listener_binds(tmp_path, monkeypatch):
 
 
 def test_endpoint_strings():
-    assert secure_endpoint_description("unix:/tmp/a.sock") == "unix:/tmp/a.sock:mode=600"
-    assert secure_endpoint_description("unix:/tmp/a.sock:mode=660") == "unix:/tmp/a.sock:mode=660"
+    assert secure_endpoint_description("unix:/tmp/a.sock") == "unix:/tmp/a.sock:mode=600:lockfile=0"
+    assert secure_endpoint_description("unix:/tmp/a.sock:mode=660") == "unix:/tmp/a.sock:mode=660:lockfile=0"
     assert secure_endpoint_description("unix:address=/tmp/a.sock:lockfile=1") == "unix:address=/tmp/a.sock:lockfile=1:mode=600"
     assert secure_endpoint_description("tcp:9100:interface=127.0.0.1") == "tcp:9100:interface=127.0.0.1"
     assert unix_path("unix:address=/tmp/a.sock:lockfile=1") == __import__("pathlib").Path("/tmp/a.sock")
     d = unix_socket_description(__import__("pathlib").Path("/tmp/a:b.sock"))
-    assert d == "unix:/tmp/a\\:b.sock:mode=600:lockfile=1"
+    assert d == "unix:/tmp/a\\:b.sock:mode=600:lockfile=0"
     assert unix_path(d) == __import__("pathlib").Path("/tmp/a:b.sock")
