@@ -25,6 +25,8 @@ __all__ = [
     "DEFAULT_MAX_MESSAGE_BYTES",
     "DEFAULT_PREAUTH_MESSAGE_BYTES",
     "DEFAULT_MAX_JSON_DEPTH",
+    "LIMITS",
+    "parse_limit",
 ]
 
 DEFAULT_HANDLER_TIMEOUT_SECS = 30 * 60.0
@@ -80,6 +82,69 @@ def _positive_secs(name: str, raw: str) -> float:
     if not value > 0:
         raise ConfigError(f"{name} must be positive, got {raw!r}")
     return value
+
+
+# The bounds an operator may set with ``twist car --limit NAME=VALUE``;
+# each is a ``ServerStateConfig`` field of the same name.
+LIMITS = (
+    "handler_timeout",
+    "max_message_bytes",
+    "max_batch",
+    "max_in_flight",
+    "max_connections",
+    "auth_timeout",
+    "max_auth_failures",
+    "max_preauth_connections",
+    "max_preauth_per_peer",
+    "max_preauth_message_bytes",
+    "max_json_depth",
+    "max_state_bytes",
+    "max_state_bytes_total",
+    "max_output_backlog_bytes",
+    "ping_interval",
+    "ping_timeout",
+    "write_stall_timeout",
+    "idle_timeout",
+    "tool_timeout_ms",
+    "agent_stop_grace",
+    "run_complete_grace",
+    "max_open_runs_per_agent",
+    "max_open_runs_per_connection",
+    "run_store_max_bytes",
+    "run_retention_per_agent",
+    "run_retention_total",
+)
+# Limits where 0 means "off" rather than "nothing allowed".
+_ZERO_IS_OFF = frozenset({"idle_timeout", "ping_interval"})
+_SIZE_SUFFIXES = {"KiB": 1024, "MiB": 1024**2, "GiB": 1024**3}
+
+
+def parse_limit(spec: str) -> tuple[str, int | float]:
+    """
+    ``NAME=VALUE`` for one of L{LIMITS}: a number of the field's type;
+    integers may carry a ``KiB`` / ``MiB`` / ``GiB`` suffix.
+
+    @raise ConfigError: an unknown name or a value that does not fit.
+    """
+    name, sep, raw = spec.partition("=")
+    name, raw = name.strip().replace("-", "_"), raw.strip()
+    if not sep or name not in LIMITS:
+        raise ConfigError(f"--limit takes NAME=VALUE with NAME one of {', '.join(LIMITS)}; got {spec!r}")
+    kind = attrs.fields_dict(ServerStateConfig)[name].type
+    try:
+        if kind in (int, "int"):
+            scale = 1
+            for suffix, factor in _SIZE_SUFFIXES.items():
+                if raw.endswith(suffix):
+                    raw, scale = raw[: -len(suffix)].strip(), factor
+            value: int | float = int(raw) * scale
+        else:
+            value = float(raw)
+    except ValueError:
+        raise ConfigError(f"--limit {name}: {raw!r} is not a number") from None
+    if value < 0 or (value == 0 and name not in _ZERO_IS_OFF):
+        raise ConfigError(f"--limit {name}: must be {'0 or more' if name in _ZERO_IS_OFF else 'positive'}, got {raw!r}")
+    return name, value
 
 
 @attrs.frozen

@@ -14,6 +14,7 @@ from typing import Any
 from twisted.python import usage
 
 from car_twisted._reactor import maybe_global_reactor
+from car_twisted.config import parse_limit
 from car_twisted.paths import ConfigError
 from car_twisted.service import DEFAULT_TCP_PORT, EXIT_CONFIG, make_daemon_service
 from car_twisted.state import ServerState
@@ -42,10 +43,15 @@ class Options(usage.Options):
         super().__init__()
         self["listen"] = []
         self["allow-origin"] = []
+        self["limit"] = []
 
     def opt_listen(self, description: str) -> None:
         """A Twisted server endpoint string to listen on (repeatable; replaces the defaults; UNIX sockets default to mode=600)."""
         self["listen"].append(description)
+
+    def opt_limit(self, spec: str) -> None:
+        """Set one bound, NAME=VALUE (repeatable; see docs/security.md for the names and defaults)."""
+        self["limit"].append(spec)
 
     def opt_allow_origin(self, pattern: str) -> None:
         """An extra browser Origin pattern (fnmatch) allowed to connect (repeatable)."""
@@ -61,6 +67,9 @@ class Options(usage.Options):
             )
             if self["allow-origin"]:
                 self.config_kwargs["allowed_origins"] = tuple(self["allow-origin"])
+            for spec in self["limit"]:
+                name, value = parse_limit(spec)
+                self.config_kwargs[name] = value
             if self["idle-timeout"] is not None:
                 if not self["idle-timeout"] >= 0:
                     raise ConfigError(f"--idle-timeout must be 0 or more seconds, got {self['idle-timeout']!r}")

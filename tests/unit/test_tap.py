@@ -122,3 +122,18 @@ def test_endpoint_strings():
     d = unix_socket_description(__import__("pathlib").Path("/tmp/a:b.sock"))
     assert d == "unix:/tmp/a\\:b.sock:mode=600:lockfile=0"
     assert unix_path(d) == __import__("pathlib").Path("/tmp/a:b.sock")
+
+
+def test_limits_are_settable(tmp_path):
+    """--limit NAME=VALUE sets any listed bound, with byte suffixes; a bad one exits 2."""
+    opts = tap.Options()
+    opts.parseOptions(
+        ["--car-home", str(tmp_path / "h"), "--limit", "max_state_bytes=32MiB", "--limit", "auth-timeout=2.5",
+         "--limit", "idle_timeout=0"]
+    )
+    assert opts.config_kwargs["max_state_bytes"] == 32 * 1024 * 1024
+    assert opts.config_kwargs["auth_timeout"] == 2.5 and opts.config_kwargs["idle_timeout"] == 0
+    for bad in ("nonsense=1", "max_state_bytes", "max_state_bytes=lots", "max_batch=0", "auth_timeout=-1"):
+        with pytest.raises(SystemExit) as e:
+            tap.Options().parseOptions(["--car-home", str(tmp_path / "h"), "--limit", bad])
+        assert e.value.code == 2
