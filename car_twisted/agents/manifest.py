@@ -1,12 +1,16 @@
 """
 The agents manifest: ``AgentSpec`` validation and ``$CAR_HOME/agents.json``.
 
-A spec's ``command`` must be an absolute path to an existing executable
-file that does not live under a world-writable directory (``/tmp`` and
-friends: anyone could swap the binary).  ``interpreter`` is resolved once
-against ``PATH`` at upsert and frozen into ``command``.  The manifest is
-written atomically (temp file + rename), mode 0600, and holds each agent's
-token, which no method returns and no log line shows.
+A spec's ``command`` must be an absolute path to an executable regular
+file that only the daemon's user (or root) can change: the file, every
+directory on the way to it and every symlink followed are owned by the
+daemon's user or root, and no file or directory among them is writable by
+its group or by others (anyone else could swap the binary).
+``interpreter`` is resolved once against ``PATH`` at upsert and frozen
+into ``command``.  ``env`` may not set loader variables (``LD_*``,
+``DYLD_*``, ``PYTHON*``).  The manifest is written atomically (temp file +
+rename), mode 0600, and holds each agent's token, which no method returns
+and no log line shows.
 """
 
 from __future__ import annotations
@@ -28,6 +32,10 @@ __all__ = [
     "ManifestEntry",
     "parse_agent_spec",
     "validate_command",
+    "spec_problem",
+    "check_agent_id",
+    "launch_fields",
+    "store_installed",
     "load_manifest",
     "save_manifest",
     "RESTART_POLICIES",
@@ -38,6 +46,11 @@ RESTART_POLICIES = ("never", "on_failure", "always")
 MAX_AGENTS = 256
 _ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _RESERVED_ENV = ("CAR_AGENT_ID", "CAR_AGENT_TOKEN", "CAR_DAEMON_URL", "CAR_AUTH_TOKEN")
+# Variables that make a dynamic loader or the Python interpreter run code
+# the command's owner did not put there (LD_PRELOAD, PYTHONPATH, ...).
+LOADER_ENV_PREFIXES = ("LD_", "DYLD_", "PYTHON")
+# Symlinks followed while checking a command, like the kernel's limit.
+_MAX_SYMLINKS = 40
 
 
 @attrs.frozen
@@ -78,36 +91,129 @@ class ManifestEntry:
     token: str = attrs.field(repr=False)
 
 
-def _scratch_ancestor(path: Path) -> Path | None:
-    """The first world-writable directory above C{path}, if any."""
-    for parent in path.parents:
-        try:
-            mode = os.stat(parent).st_mode
-        except OSError:
-            continue
-        if mode & stat.S_IWOTH:
-            return parent
+def launch_fields(spec: AgentSpec) -> tuple[Any, ...]:
+    """What decides which program runs and how: a change rotates the token."""
+    return (spec.command, spec.args, dict(spec.env), spec.cwd)
+
+
+def _untrusted(path: str, st: os.stat_result, euid: int) -> str | None:
+    """Why C{path} could be changed by someone other than the daemon, if so."""
+    if st.st_uid not in (euid, 0):
+        return f"{path} is owned by uid {st.st_uid}, not by the daemon's user (uid {euid}) or root"
+    # A symlink's own mode bits mean nothing; only who owns it does.
+    if not stat.S_ISLNK(st.st_mode) and st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        kind = "directory" if stat.S_ISDIR(st.st_mode) else "file"
+        # Sticky directories (/tmp) are no exception: the sticky bit does
+        # not stop anyone from adding a new file or symlink in them.
+        return f"{kind} {path} is group- or world-writable (mode {stat.S_IMODE(st.st_mode):04o})"
     return None
 
 
-def validate_command(command: str) -> str | None:
+def _untrusted_chain(command: str, euid: int) -> str | None:
     """
-    @return: None when C{command} is acceptable, else the reason.
+    Walk C{command} the way the kernel resolves it: check the root, every
+    directory entered, every symlink followed (its owner) and the final
+    file.  This covers the path as given, every symlink on it, the
+    directories holding those symlinks, and the real path.
+    """
+    problem = _untrusted("/", os.lstat("/"), euid)
+    if problem is not None:
+        return problem
+    todo = [part for part in command.split("/") if part]
+    current = "/"
+    followed = 0
+    while todo:
+        name = todo.pop(0)
+        if name == ".":
+            continue
+        if name == "..":
+            # ``current`` never contains a symlink, so its parent is real.
+            current = os.path.dirname(current)
+            continue
+        candidate = os.path.join(current, name)
+        st = os.lstat(candidate)
+        problem = _untrusted(candidate, st, euid)
+        if problem is not None:
+            return problem if not stat.S_ISLNK(st.st_mode) else f"symlink {problem}"
+        if stat.S_ISLNK(st.st_mode):
+            followed += 1
+            if followed > _MAX_SYMLINKS:
+                return f"too many symlinks under {command}"
+            target = os.readlink(candidate)
+            if target.startswith("/"):
+                current = "/"
+            todo[:0] = [part for part in target.split("/") if part]
+            continue
+        current = candidate
+    return None
+
+
+def _untrusted_real_path(command: str, euid: int) -> str | None:
+    """The same rules over C{command}'s real path, every ancestor included."""
+    real = Path(os.path.realpath(command))
+    for path in (*reversed(real.parents), real):
+        problem = _untrusted(str(path), os.lstat(path), euid)
+        if problem is not None:
+            return problem
+    return None
+
+
+def validate_command(command: str, euid: int | None = None) -> str | None:
+    """
+    Check that C{command} is an absolute path to an executable regular
+    file that only the daemon's user (C{euid}, default ``os.geteuid()``)
+    or root can replace.
+
+    @return: None when C{command} is acceptable, else the reason, naming
+        the offending path.
     """
     if not os.path.isabs(command):
         return f"command must be an absolute path, got {command!r}"
-    path = Path(command)
-    if not path.exists():
+    try:
+        st = os.stat(command)
+    except FileNotFoundError:
         return f"command {command} does not exist"
-    if not path.is_file():
+    except OSError as e:
+        return f"command {command} cannot be examined: {e.strerror}"
+    if not stat.S_ISREG(st.st_mode):
         return f"command {command} is not a regular file"
-    if not os.access(path, os.X_OK):
+    if not os.access(command, os.X_OK):
         return f"command {command} is not executable"
-    for candidate in (path, Path(os.path.realpath(path))):
-        scratch = _scratch_ancestor(candidate)
-        if scratch is not None:
-            return f"command {candidate} lives under the world-writable directory {scratch}"
+    uid = os.geteuid() if euid is None else euid
+    try:
+        # The walk already ends on the real path; checking it on its own
+        # as well keeps that rule independent of the walk's resolution.
+        problem = _untrusted_chain(command, uid) or _untrusted_real_path(command, uid)
+    except OSError as e:
+        return f"command {command} cannot be examined: {e.strerror}"
+    if problem is not None:
+        return f"command {command}: {problem}"
     return None
+
+
+def _loader_variable(key: str) -> bool:
+    return key.upper().startswith(LOADER_ENV_PREFIXES)
+
+
+def spec_problem(spec: AgentSpec) -> str | None:
+    """
+    Why C{spec} must not be started now (re-checked at every spawn: the
+    filesystem may have changed since the upsert), else None.
+    """
+    problem = validate_command(spec.command)
+    if problem is not None:
+        return problem
+    loaders = sorted(k for k in spec.env if _loader_variable(k))
+    if loaders:
+        return f"env sets the loader variable {loaders[0]}"
+    return None
+
+
+def check_agent_id(agent_id: Any, field: str = "id") -> str:
+    """An agent id: a filename-safe string (it names files and directories)."""
+    if type(agent_id) is not str or not _ID.match(agent_id) or agent_id in (".", ".."):
+        raise InvalidParams(field, "must be filename-safe: letters, digits, '-', '_' and '.'; at most 64")
+    return agent_id
 
 
 def _string(raw: Mapping[str, Any], key: str, max_len: int, required: bool = False) -> str | None:
@@ -141,10 +247,9 @@ def parse_agent_spec(raw: Any, environ: Mapping[str, str]) -> AgentSpec:
     """
     if type(raw) is not dict:
         raise InvalidParams("params", "expected an agent spec object")
-    agent_id = _string(raw, "id", 64, required=True)
-    assert agent_id is not None
-    if not _ID.match(agent_id) or agent_id in (".", ".."):
-        raise InvalidParams("id", "must be filename-safe: letters, digits, '-', '_' and '.'")
+    if raw.get("id") is None:
+        raise InvalidParams("id", "required")
+    agent_id = check_agent_id(raw["id"])
     interpreter = _string(raw, "interpreter", 256)
     command = _string(raw, "command", 4096)
     if interpreter is not None:
@@ -175,6 +280,10 @@ def parse_agent_spec(raw: Any, environ: Mapping[str, str]) -> AgentSpec:
             raise InvalidParams(f"env.{key}", "expected a string value")
         if key in _RESERVED_ENV:
             raise InvalidParams(f"env.{key}", "set by the supervisor; cannot be overridden")
+        if _loader_variable(key):
+            raise InvalidParams(
+                f"env.{key}", "loader variables (LD_*, DYLD_*, PYTHON*) cannot be set for an agent"
+            )
     restart = raw.get("restart", "on_failure")
     if restart not in RESTART_POLICIES:
         raise InvalidParams("restart", "expected one of " + ", ".join(RESTART_POLICIES))
@@ -239,3 +348,16 @@ def save_manifest(path: Path, entries: list[ManifestEntry]) -> None:
 
     body = {"version": 1, "agents": [{**e.spec.to_wire(), "token": e.token} for e in entries]}
     write_secret_file(path, json.dumps(body, indent=2, sort_keys=True))
+
+
+def store_installed(home: Path, agent_id: str, manifest: Mapping[str, Any]) -> Path:
+    """
+    Write an installed agent's manifest to
+    ``<home>/agents/<id>/manifest.json`` (atomic, 0600).
+    """
+    from car_twisted.auth import write_secret_file
+
+    check_agent_id(agent_id, "agent.id")
+    path = home / "agents" / agent_id / "manifest.json"
+    write_secret_file(path, json.dumps(manifest, indent=2, sort_keys=True))
+    return path

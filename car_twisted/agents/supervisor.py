@@ -2,25 +2,26 @@
 ``Supervisor``: starts, watches and restarts the manifest's agent
 processes, and is the daemon's ``IAgentIdentities``.
 
-Children run under Twisted's process machinery (``spawnProcess`` and a
-``ProcessProtocol``); every timer (restart backoff, the stop grace, waits)
-is on the injected reactor clock.  ``twisted.runner.procmon`` was not used:
-it restarts every exit, has no ``never`` / ``on_failure`` policy, no
-``max_restarts``, and sends output to the log rather than to bounded
-per-agent files (see ``docs/decisions.md``).
+Children run under Twisted's process machinery (``spawnProcess`` and the
+``ProcessProtocol`` in ``process``), each in its own process group, which
+is what a stop signals; every timer (restart backoff, the stop grace, the
+shutdown bound, waits) is on the injected reactor clock.
+``twisted.runner.procmon`` was not used: it restarts every exit, has no
+``never`` / ``on_failure`` policy, no ``max_restarts``, and sends output
+to the log rather than to bounded per-agent files (see
+``docs/decisions.md``).
 """
 
 from __future__ import annotations
 
 import fcntl
 import os
+import sys
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import attrs
 from twisted.internet.defer import Deferred, DeferredList, TimeoutError, succeed
-from twisted.internet.error import ProcessExitedAlready
-from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -30,10 +31,13 @@ from car_twisted.agents.manifest import (
     MAX_AGENTS,
     AgentSpec,
     ManifestEntry,
+    launch_fields,
     load_manifest,
     save_manifest,
-    validate_command,
+    spec_problem,
+    store_installed,
 )
+from car_twisted.agents.process import AgentProcess, kill_group, signal_group, wrapper_argv
 from car_twisted.auth import mint_token, tokens_equal, write_secret_file
 from car_twisted.errors import AgentAlreadyAttached, InvalidParams, RpcError
 from car_twisted.interfaces import IAgentIdentities
@@ -47,6 +51,11 @@ MAX_BACKOFF_SECS = 300.0
 STABLE_RUN_SECS = 30.0
 # How often an agent blocked by a survivor of an earlier daemon is rechecked.
 SURVIVOR_RECHECK_SECS = 5.0
+# Shutdown waits the stop grace plus this for the children's exits, then
+# gives up on any child that did not go (SIGKILL was sent at the grace).
+SHUTDOWN_MARGIN_SECS = 1.0
+# The close code and reason for an agent connection whose token was rotated.
+ROTATED_CLOSE = (1008, "agent credentials rotated")
 
 
 @attrs.define(eq=False)
@@ -71,41 +80,6 @@ class _Agent:
         return self.entry.spec
 
 
-class _Child(ProcessProtocol):
-    """One run of one agent: output to its log files, exit to the supervisor."""
-
-    def __init__(self, supervisor: "Supervisor", agent: _Agent) -> None:
-        self.supervisor = supervisor
-        self.agent = agent
-        self.logs = {name: supervisor.log_for(agent.spec.id, name) for name in ("stdout", "stderr")}
-
-    def connectionMade(self) -> None:
-        self.transport.closeStdin()
-
-    def _write(self, name: str, data: bytes) -> None:
-        try:
-            self.logs[name].write(data)
-        except OSError:
-            self.supervisor._log.failure(
-                "cannot write {stream} log of agent {agent_id}", stream=name, agent_id=self.agent.spec.id
-            )
-
-    def outReceived(self, data: bytes) -> None:
-        self._write("stdout", data)
-
-    def errReceived(self, data: bytes) -> None:
-        self._write("stderr", data)
-
-    def processEnded(self, reason: Any) -> None:
-        for log in self.logs.values():
-            log.close()
-        value = reason.value
-        code = getattr(value, "exitCode", None)
-        sig = getattr(value, "signal", None)
-        exit_code = -sig if sig else (code if code is not None else 0)
-        self.supervisor._exited(self.agent, self, exit_code)
-
-
 @implementer(IAgentIdentities)
 class Supervisor:
     _log = Logger()
@@ -117,20 +91,28 @@ class Supervisor:
         environ: Mapping[str, str] | None = None,
         stop_grace: float = DEFAULT_STOP_GRACE_SECS,
         log_max_bytes: int = DEFAULT_MAX_LOG_BYTES,
+        killpg: Callable[[int, int], None] | None = None,
     ) -> None:
+        """
+        @param killpg: signals a process group; C{os.killpg} unless a test
+            brings its own.
+        """
         self.reactor = reactor
+        self.home = home
         self.manifest_path = home / "agents.json"
         self.logs_dir = home / "logs" / "agents"
         self.pids_dir = home / "run" / "agents"
         self.environ = os.environ if environ is None else environ
         self.stop_grace = stop_grace
         self.log_max_bytes = log_max_bytes
+        self._killpg = os.killpg if killpg is None else killpg
         self.daemon_url: str | None = None
         self.observer = False
         self._agents: dict[str, _Agent] = {}
         self._attached: dict[str, Any] = {}
         self._waiters: list[tuple[str, frozenset, Deferred]] = []
         self._loaded = False
+        self._closing = False
         self._lock_fd: int | None = None
         self._dummy_token = mint_token()
 
@@ -211,7 +193,7 @@ class Supervisor:
         self.load()
         out = []
         for agent in sorted(self._agents.values(), key=lambda a: a.spec.id):
-            problem = validate_command(agent.spec.command)
+            problem = spec_problem(agent.spec)
             entry = {"id": agent.spec.id, "command": agent.spec.command, "ok": problem is None}
             if problem is not None:
                 entry["reason"] = problem
@@ -220,18 +202,72 @@ class Supervisor:
 
     # -- manifest changes --------------------------------------------------------------
 
-    def upsert(self, spec: AgentSpec) -> dict[str, Any]:
+    def upsert(self, spec: AgentSpec) -> Deferred:
+        """
+        Create or update an agent; fires with its ``ManagedAgent``.
+
+        A change of command, args, env or cwd mints a new token: the
+        connection bound with the old one is closed and unbound (the old
+        token no longer verifies), and a running child is restarted with
+        the new spec before this fires.  Other changes keep the token.
+        """
         self._owner()
-        current = self._agents.get(spec.id)
-        if current is None:
+        agent = self._agents.get(spec.id)
+        if agent is None:
             if len(self._agents) >= MAX_AGENTS:
                 raise RpcError(f"too many agents: at most {MAX_AGENTS}")
-            current = self._agents[spec.id] = _Agent(ManifestEntry(spec, mint_token()))
-        else:
-            current.entry = ManifestEntry(spec, current.entry.token)
-        self._save()
+            agent = _Agent(ManifestEntry(spec, mint_token()))
+            self._agents[spec.id] = agent
+            try:
+                self._save()
+            except BaseException:
+                del self._agents[spec.id]
+                raise
+            self._log.info("agent {agent_id} upserted ({command})", agent_id=spec.id, command=spec.command)
+            return succeed(self.managed(agent))
+        rotate = launch_fields(agent.spec) != launch_fields(spec)
+        previous = agent.entry
+        agent.entry = ManifestEntry(spec, mint_token() if rotate else previous.token)
+        try:
+            self._save()
+        except BaseException:
+            agent.entry = previous
+            raise
         self._log.info("agent {agent_id} upserted ({command})", agent_id=spec.id, command=spec.command)
-        return self.managed(current)
+        if not rotate:
+            return succeed(self.managed(agent))
+        self._revoke(spec.id)
+        if agent.process is None or agent.stopping:
+            # Not running (a pending restart spawns the new spec), or a
+            # stop already under way: that stop stands.
+            return succeed(self.managed(agent))
+        self._log.info("agent {agent_id} restarts with its new spec", agent_id=spec.id)
+
+        def start_again(_: Any) -> dict[str, Any]:
+            if self._agents.get(spec.id) is not agent:
+                return self.managed(agent)  # removed meanwhile
+            return self.start(spec.id)
+
+        return self._stop(agent, "term").addCallback(start_again)
+
+    def _revoke(self, agent_id: str) -> None:
+        """Unbind and close the connection that holds the agent's old token."""
+        session = self._attached.pop(agent_id, None)
+        if session is None or session.closed:
+            return
+        self._log.info(
+            "agent {agent_id}'s token was rotated; closing its connection {client_id}",
+            agent_id=agent_id,
+            client_id=session.client_id,
+        )
+        session.disconnect(*ROTATED_CLOSE)
+
+    def store_manifest(self, agent_id: str, manifest: Mapping[str, Any]) -> Path:
+        """Keep the manifest of an installed agent that names no command."""
+        self._owner()
+        path = store_installed(self.home, agent_id, manifest)
+        self._log.info("agent {agent_id} installed as data ({path})", agent_id=agent_id, path=str(path))
+        return path
 
     def remove(self, agent_id: str) -> Deferred:
         self._owner()
@@ -285,16 +321,42 @@ class Supervisor:
                     self._log.failure("auto-start of agent {agent_id} failed", agent_id=agent.spec.id)
 
     def shutdown(self) -> Deferred:
-        """Stop every child (SIGTERM, then SIGKILL after the grace)."""
-        stops = [self._stop(a, "term") for a in self._agents.values()]
-        d = DeferredList(stops, consumeErrors=True)
+        """
+        Stop every child (SIGTERM, then SIGKILL after the grace).  Fires
+        once they have all exited, or at the latest the stop grace plus
+        ``SHUTDOWN_MARGIN_SECS`` from now (logging the agents that did not
+        exit): daemon shutdown never hangs on a child.
+        """
+        # Nothing starts from here on (a restart whose stop ends now, say).
+        self._closing = True
+        stops = {agent_id: self._stop(a, "term") for agent_id, a in self._agents.items()}
+        done: Deferred = Deferred()
 
-        def release(_: Any) -> None:
+        def release() -> None:
             if self._lock_fd is not None:
                 os.close(self._lock_fd)
                 self._lock_fd = None
+            if not done.called:
+                done.callback(None)
 
-        return d.addCallback(release)
+        def give_up() -> None:
+            stuck = sorted(agent_id for agent_id, d in stops.items() if not d.called)
+            self._log.warn(
+                "agents {agent_ids} did not exit within {secs}s of shutdown; not waiting for them",
+                agent_ids=", ".join(stuck),
+                secs=limit,
+            )
+            release()
+
+        def all_exited(_: Any) -> None:
+            if timer.active():
+                timer.cancel()
+            release()
+
+        limit = self.stop_grace + SHUTDOWN_MARGIN_SECS
+        timer = self.reactor.callLater(limit, give_up)
+        DeferredList(list(stops.values()), consumeErrors=True).addCallback(all_exited)
+        return done
 
     def _child_env(self, agent: _Agent) -> dict[str, str]:
         # The daemon's own CAR_* settings (its token above all) stay out.
@@ -331,7 +393,10 @@ class Supervisor:
 
     def _spawn(self, agent: _Agent) -> None:
         spec = agent.spec
-        problem = validate_command(spec.command)
+        if self._closing:
+            self._set(agent, "stopped")
+            return
+        problem = spec_problem(spec)
         if problem is not None:
             self._log.error("agent {agent_id} cannot start: {problem}", agent_id=spec.id, problem=problem)
             self._set(agent, "errored")
@@ -351,10 +416,17 @@ class Supervisor:
             return
         agent.blocked_by_pid = None
         self._set(agent, "starting")
-        child = _Child(self, agent)
+        logs = {name: self.log_for(spec.id, name) for name in ("stdout", "stderr")}
+        child = AgentProcess(spec.id, logs, lambda proc, code: self._exited(agent, proc, code), self._kill_group)
         try:
+            # The wrapper puts the command in its own process group (see
+            # ``process``); the agent's argv, env and cwd are unchanged.
             process = self.reactor.spawnProcess(
-                child, spec.command, [spec.command, *spec.args], env=self._child_env(agent), path=spec.cwd
+                child,
+                sys.executable,
+                wrapper_argv(sys.executable, spec.command, spec.args),
+                env=self._child_env(agent),
+                path=spec.cwd,
             )
         except OSError as e:
             self._log.error("agent {agent_id} failed to spawn: {error}", agent_id=spec.id, error=str(e))
@@ -381,7 +453,7 @@ class Supervisor:
         d: Deferred = Deferred()
         agent.exit_waiters.append(d)
         self._signal(agent, "KILL" if signal == "kill" else "TERM")
-        if signal != "kill" and agent.kill_timer is None:
+        if signal != "kill" and agent.kill_timer is None and agent.process is not None:
             agent.kill_timer = self.reactor.callLater(self.stop_grace, self._escalate, agent)
         return d
 
@@ -396,17 +468,18 @@ class Supervisor:
             self._signal(agent, "KILL")
 
     def _signal(self, agent: _Agent, name: str) -> None:
-        try:
-            agent.process.signalProcess(name)
-        except ProcessExitedAlready:
-            pass
+        assert agent.pid is not None
+        signal_group(self._killpg, agent.pid, agent.process, name)
+
+    def _kill_group(self, pgid: int) -> None:
+        kill_group(self._killpg, pgid)
 
     def _cancel_restart(self, agent: _Agent) -> None:
         if agent.restart_timer is not None and agent.restart_timer.active():
             agent.restart_timer.cancel()
         agent.restart_timer = None
 
-    def _exited(self, agent: _Agent, child: _Child, exit_code: int) -> None:
+    def _exited(self, agent: _Agent, child: AgentProcess, exit_code: int) -> None:
         if agent.protocol is not child:
             return
         ran = self.reactor.seconds() - (agent.started_at or self.reactor.seconds())
@@ -426,7 +499,8 @@ class Supervisor:
             self._set(agent, "stopped")
             waiters, agent.exit_waiters = agent.exit_waiters, []
             for d in waiters:
-                d.callback(None)
+                if not d.called:
+                    d.callback(None)
             return
         policy = agent.spec.restart
         if policy == "always" or (policy == "on_failure" and exit_code != 0):

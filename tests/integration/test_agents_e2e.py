@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest_twisted
 from twisted.logger import formatEvent, globalLogPublisher
 
-from support import start_server, until
+from support import HOST_TOKEN, start_server, until
 
 AGENT = str(Path(__file__).resolve().parents[1] / "agents" / "attach_agent.py")
 # The real interpreter: a venv's python may live under a world-writable
@@ -44,6 +44,14 @@ async def operator(server):
     return Operator(client)
 
 
+async def host(server):
+    """The host's connection: the only one that may change the manifest."""
+    client = await server.client("tcp")
+    reply = await client.call("session.auth", {"host_token": HOST_TOKEN}, rid=0)
+    assert reply["result"]["role"] == "host", reply
+    return Operator(client)
+
+
 def spec(agent_id, *args, **kw):
     return {"id": agent_id, "command": PYTHON, "args": [AGENT, *args], "backoff_secs": 0.2, **kw}
 
@@ -60,7 +68,10 @@ async def test_supervised_agent_lifecycle(reactor, tmp_path):
     server = await start_server(reactor, tmp_path, agent_stop_grace=1.0)
     try:
         op = await operator(server)
-        upserted = await op.call("agents.upsert", spec("e2e", restart="on_failure"))
+        admin = await host(server)
+        refused = await op.client.call("agents.upsert", spec("e2e"))
+        assert refused["error"]["message"].startswith("forbidden: agents.upsert needs the host role")
+        upserted = await admin.call("agents.upsert", spec("e2e", restart="on_failure"))
         assert upserted["status"] == "stopped" and upserted["spec"]["command"] == PYTHON
         await op.call("agents.start", {"id": "e2e"})
         running = await op.call("agents.wait", {"id": "e2e", "targets": ["running"], "timeout_secs": 10})
@@ -83,7 +94,7 @@ async def test_supervised_agent_lifecycle(reactor, tmp_path):
         assert again["restart_count"] == 1 and again["last_exit_code"] == -9
 
         # A child that ignores SIGTERM is killed after the grace.
-        await op.call("agents.upsert", spec("stubborn", "--ignore-term", restart="never"))
+        await admin.call("agents.upsert", spec("stubborn", "--ignore-term", restart="never"))
         await op.call("agents.start", {"id": "stubborn"})
         await until(reactor, lambda: _tail_has(op, "stubborn", "starting"), "the stubborn agent to start")
         before = reactor.seconds()
@@ -99,9 +110,10 @@ async def test_supervised_agent_lifecycle(reactor, tmp_path):
         # No agent token in any response or log line.
         manifest = json.loads((tmp_path / "car-home" / "agents.json").read_text())
         tokens = [a["token"] for a in manifest["agents"]]
-        blob = json.dumps(op.replies) + json.dumps(op.client.received) + "\n".join(log_lines)
+        blob = json.dumps([op.replies, op.client.received, admin.replies, admin.client.received]) + "\n".join(log_lines)
         assert tokens and not any(t in blob for t in tokens)
         op.client.drop()
+        admin.client.drop()
     finally:
         globalLogPublisher.removeObserver(observe)
         await server.stop()
@@ -134,7 +146,8 @@ async def test_identity_and_persistence(reactor, tmp_path):
     server = await start_server(reactor, tmp_path)
     try:
         op = await operator(server)
-        await op.call("agents.upsert", spec("boot", auto_start=True))
+        admin = await host(server)
+        await admin.call("agents.upsert", spec("boot", auto_start=True))
         await op.call("agents.start", {"id": "boot"})
         await until(reactor, lambda: _attached(op, "boot"), "the agent to attach")
         manifest_path = tmp_path / "car-home" / "agents.json"
@@ -148,6 +161,7 @@ async def test_identity_and_persistence(reactor, tmp_path):
         assert "already attached on another connection" in twin["error"]["message"]
         intruder.drop()
         op.client.drop()
+        admin.client.drop()
     finally:
         await server.stop()  # stops the child too
 
@@ -158,8 +172,62 @@ async def test_identity_and_persistence(reactor, tmp_path):
         agent = await until(reactor, lambda: _attached(op, "boot"), "the auto-started agent to attach")
         assert agent["status"] == "running"
         assert json.loads(manifest_path.read_text())["agents"][0]["token"] == token
-        removed = await op.call("agents.remove", {"id": "boot"})
+        admin = await host(server)
+        removed = await admin.call("agents.remove", {"id": "boot"})
         assert removed == {"removed": True} and await op.call("agents.list", {}) == []
         op.client.drop()
+        admin.client.drop()
+    finally:
+        await server.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_new_launch_spec_rotates_the_token(reactor, tmp_path):
+    """
+    The host changes a running agent's args: the connection bound with the
+    old token is closed, the child restarts with a new token and attaches
+    with it; the old token is refused.  An agent token cannot change the
+    manifest, nor read another agent's log.
+    """
+    server = await start_server(reactor, tmp_path, agent_stop_grace=2.0)
+    try:
+        op = await operator(server)
+        admin = await host(server)
+        await admin.call("agents.upsert", spec("rot"))
+        await admin.call("agents.upsert", spec("neighbour"))
+        await op.call("agents.start", {"id": "rot"})
+        first = await until(reactor, lambda: _attached(op, "rot"), "the agent to attach")
+        manifest_path = tmp_path / "car-home" / "agents.json"
+        old_token = next(a["token"] for a in json.loads(manifest_path.read_text())["agents"] if a["id"] == "rot")
+
+        # The agent's own token: its log yes, a neighbour's log or the manifest no.
+        mine = await server.client("tcp")
+        assert (await mine.call("session.auth", {"agent_id": "neighbour", "token": next(
+            a["token"] for a in json.loads(manifest_path.read_text())["agents"] if a["id"] == "neighbour"
+        )}, rid=0))["result"]["ok"]
+        assert "result" in await mine.call("agents.tail_log", {"id": "neighbour"})
+        assert "forbidden" in (await mine.call("agents.tail_log", {"id": "rot"}))["error"]["message"]
+        assert "forbidden" in (await mine.call("agents.upsert", spec("rot", "--evil")))["error"]["message"]
+        mine.drop()
+
+        restarted = await admin.call("agents.upsert", spec("rot", "v2"))
+        assert restarted["status"] == "running" and restarted["pid"] != first["pid"]
+        assert restarted["spec"]["args"][-1] == "v2" and restarted["attached"] is False
+        again = await until(reactor, lambda: _attached(op, "rot", not_session=first["session_id"]), "the re-attach")
+        assert again["pid"] == restarted["pid"]
+        await until(reactor, lambda: first["session_id"] not in server.state.sessions, "the old connection to close")
+        new_token = next(a["token"] for a in json.loads(manifest_path.read_text())["agents"] if a["id"] == "rot")
+        assert new_token != old_token
+
+        late = await server.client("tcp")
+        reply = await late.call("session.auth", {"agent_id": "rot", "token": old_token}, rid=0)
+        assert reply["error"]["message"] == "auth failed: token mismatch"
+        late.drop()
+
+        # Renaming keeps the token and the binding.
+        await admin.call("agents.upsert", spec("rot", "v2", name="Rotated"))
+        assert (await op.agent("rot"))["session_id"] == again["session_id"]
+        op.client.drop()
+        admin.client.drop()
     finally:
         await server.stop()

@@ -2,30 +2,59 @@
 
 import json
 import os
+import shutil
+import signal as signals
 import stat
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
 from twisted.internet.task import Clock
+from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
 
 from car_twisted.agents.logs import tail
 from car_twisted.agents.manifest import parse_agent_spec, validate_command
+from car_twisted.agents.process import EXEC_WRAPPER
 from car_twisted.agents.supervisor import Supervisor
 from car_twisted.errors import AgentAlreadyAttached, InvalidParams, RpcError
 from car_twisted.interfaces import IAgentIdentities
 
 PYTHON = os.path.realpath(sys.executable)
+# Above the largest pid Linux hands out (PID_MAX_LIMIT): a fake pid never
+# names a real process, whatever happens to it.
+FAKE_PID_BASE = 4_194_304 + 1000
+SIGNAL_NAMES = {signals.SIGTERM: "TERM", signals.SIGKILL: "KILL"}
 
 
 class FakeProcess:
+    """
+    A child as Twisted reports it: C{processExited} when it dies, then
+    C{processEnded} once nothing holds its pipes any more.
+
+    @ivar in_group: the wrapper has called setsid (killpg reaches it).
+    @ivar group_members: grandchildren in its group hold its pipes.
+    @ivar escaped: a grandchild outside its group holds its pipes.
+    @ivar pipes: what the protocol may drain at exit (fd -> reader).
+    """
+
     def __init__(self, reactor, protocol, pid):
         self.reactor, self.protocol, self.pid = reactor, protocol, pid
+        self.pgid = pid
         self.signals = []
         self.alive = True
         self.stdin_closed = False
+        self.in_group = True
+        self.group_members = False
+        self.escaped = False
+        self.unkillable = False
+        self.pipes = {}
+        self.pipes_open = True
+        self.lost = False
+        self.reason = None
 
     def closeStdin(self):
         self.stdin_closed = True
@@ -34,6 +63,11 @@ class FakeProcess:
         if not self.alive:
             raise ProcessExitedAlready()
         self.signals.append(name)
+        self.deliver(name)
+
+    def deliver(self, name):
+        if self.unkillable:
+            return
         if name == "KILL" or (name == "TERM" and self.reactor.obey_term):
             self.die(signal=9 if name == "KILL" else 15)
 
@@ -41,21 +75,39 @@ class FakeProcess:
         if not self.alive:
             return
         self.alive = False
+        self.pid = None  # as Twisted does once the child is reaped
         if code == 0 and signal is None:
-            reason = Failure(ProcessDone(0))
+            self.reason = Failure(ProcessDone(0))
         else:
-            reason = Failure(ProcessTerminated(exitCode=code, signal=signal))
-        self.protocol.processEnded(reason)
+            self.reason = Failure(ProcessTerminated(exitCode=code, signal=signal))
+        self.protocol.processExited(self.reason)
+        self.maybe_end()
+
+    def maybe_end(self):
+        if self.pipes_open and not self.alive and not self.group_members and not self.escaped:
+            self.close_pipes()
+
+    def close_pipes(self):
+        self.pipes_open = False
+        self.protocol.outConnectionLost()
+        self.protocol.errConnectionLost()
+        self.protocol.processEnded(self.reason)
+
+    def loseConnection(self):
+        self.lost = True
+        if self.pipes_open and not self.alive:
+            self.close_pipes()
 
 
 class FakeProcessReactor(Clock):
-    """Clock plus a spawnProcess that records children."""
+    """Clock plus a spawnProcess that records children, and a killpg for them."""
 
     def __init__(self):
         super().__init__()
         self.spawned = []
         self.obey_term = True
-        self._pid = 1000
+        self._pid = FAKE_PID_BASE
+        self.killpg_calls = []
 
     def spawnProcess(self, protocol, executable, args, env=None, path=None, **kw):
         self._pid += 1
@@ -63,6 +115,25 @@ class FakeProcessReactor(Clock):
         self.spawned.append({"proc": proc, "executable": executable, "args": args, "env": env, "path": path})
         protocol.makeConnection(proc)
         return proc
+
+    def killpg(self, pgid, sig):
+        procs = [c["proc"] for c in self.spawned if c["proc"].pgid == pgid]
+        proc = procs[-1] if procs else None
+        reachable = proc is not None and proc.in_group and (proc.alive or proc.group_members)
+        self.killpg_calls.append((pgid, SIGNAL_NAMES[sig], reachable))
+        if not reachable:
+            raise ProcessLookupError(3, "No such process")
+        if sig == signals.SIGKILL and not proc.unkillable:
+            proc.group_members = False
+        if proc.alive:
+            proc.deliver(SIGNAL_NAMES[sig])
+        else:
+            proc.maybe_end()
+
+
+def group_signals(reactor, proc):
+    """The signals that reached C{proc}'s process group."""
+    return [name for pgid, name, reached in reactor.killpg_calls if pgid == proc.pgid and reached]
 
 
 @pytest.fixture
@@ -72,10 +143,20 @@ def reactor():
 
 @pytest.fixture
 def sup(reactor, tmp_path):
-    s = Supervisor(reactor, tmp_path / "home", environ={"PATH": os.environ["PATH"], "CAR_AUTH_TOKEN": "daemon-secret"}, stop_grace=10)
+    s = Supervisor(
+        reactor,
+        tmp_path / "home",
+        environ={"PATH": os.environ["PATH"], "CAR_AUTH_TOKEN": "daemon-secret"},
+        stop_grace=10,
+        killpg=reactor.killpg,
+    )
     s.daemon_url = "ws://127.0.0.1:9100"
     s.load()
     return s
+
+
+def supervisor(reactor, home, **kw):
+    return Supervisor(reactor, home, environ={}, killpg=reactor.killpg, **kw)
 
 
 def spec(**kw):
@@ -94,12 +175,15 @@ def test_verify_identities(sup):
 
 def test_spawn_env_and_token_secrecy(sup, reactor, tmp_path):
     """Children get the spec env plus their identity; the daemon's token stays out; nothing returns the agent token."""
-    managed = sup.upsert(spec(env={"FOO": "bar"}))
+    managed = sup.upsert(spec(env={"FOO": "bar"})).result
     token = sup._agents["a1"].entry.token
     assert token not in json.dumps(managed)
     out = sup.start("a1")
     child = reactor.spawned[0]
-    assert child["executable"] == PYTHON and child["args"] == [PYTHON, "agent.py"]
+    # Through the exec wrapper: the daemon's interpreter, then the command.
+    assert child["executable"] == sys.executable
+    assert child["args"] == [sys.executable, "-I", "-S", "-c", EXEC_WRAPPER, PYTHON, "agent.py"]
+    assert child["path"] is None
     env = child["env"]
     assert env["FOO"] == "bar" and env["CAR_AGENT_ID"] == "a1" and env["CAR_AGENT_TOKEN"] == token
     assert env["CAR_DAEMON_URL"] == "ws://127.0.0.1:9100" and "CAR_AUTH_TOKEN" not in env
@@ -179,11 +263,12 @@ def test_stop_grace_escalates_to_kill(sup, reactor):
     sup.start("a1")
     proc = last(reactor)
     d = sup.stop("a1")
-    assert proc.signals == ["TERM"] and not d.called
+    assert group_signals(reactor, proc) == ["TERM"] and not d.called
     reactor.advance(9.9)
-    assert proc.signals == ["TERM"]
+    assert group_signals(reactor, proc) == ["TERM"]
     reactor.advance(0.2)
-    assert proc.signals == ["TERM", "KILL"]
+    assert group_signals(reactor, proc) == ["TERM", "KILL"]
+    assert proc.signals == []  # nothing went to the leader alone
     assert d.result["status"] == "stopped" and d.result["pid"] is None
     assert reactor.getDelayedCalls() == []
 
@@ -192,7 +277,7 @@ def test_stop_kill_and_stop_during_backoff(sup, reactor):
     sup.upsert(spec())
     sup.start("a1")
     d = sup.stop("a1", "kill")
-    assert last(reactor).signals == ["KILL"] and d.result["status"] == "stopped"
+    assert group_signals(reactor, last(reactor)) == ["KILL"] and d.result["status"] == "stopped"
     sup.start("a1")
     last(reactor).die(code=3)
     assert sup.list()[0]["status"] == "backoff"
@@ -224,7 +309,7 @@ def test_remove_stops_first_and_is_idempotent(sup, reactor):
     sup.start("a1")
     proc = last(reactor)
     assert sup.remove("a1").result == {"removed": True}
-    assert proc.signals == ["TERM"] and sup.list() == []
+    assert group_signals(reactor, proc) == ["TERM"] and sup.list() == []
     assert sup.remove("a1").result == {"removed": False}
 
 
@@ -251,12 +336,12 @@ def test_identity_binding(sup):
 
 def test_manifest_survives_reload_and_auto_start(reactor, tmp_path):
     home = tmp_path / "home"
-    first = Supervisor(reactor, home, environ={})
+    first = supervisor(reactor, home)
     first.upsert(spec(auto_start=True))
     first.upsert(spec(id="manual"))
     token = first._agents["a1"].entry.token
     first.shutdown()
-    second = Supervisor(reactor, home, environ={})
+    second = supervisor(reactor, home)
     second.boot()
     assert {a["id"]: a["status"] for a in second.list()} == {"a1": "running", "manual": "stopped"}
     assert second._agents["a1"].entry.token == token
@@ -264,9 +349,9 @@ def test_manifest_survives_reload_and_auto_start(reactor, tmp_path):
 
 def test_second_supervisor_is_observe_only(reactor, tmp_path):
     home = tmp_path / "home"
-    owner = Supervisor(reactor, home, environ={})
+    owner = supervisor(reactor, home)
     owner.upsert(spec())
-    observer = Supervisor(reactor, home, environ={})
+    observer = supervisor(reactor, home)
     observer.load()
     assert observer.observer and [a["id"] for a in observer.list()] == ["a1"]
     with pytest.raises(RpcError, match="observe-only"):
@@ -277,7 +362,7 @@ def test_unreadable_manifest_is_set_aside(reactor, tmp_path):
     home = tmp_path / "home"
     home.mkdir()
     (home / "agents.json").write_text("{torn")
-    s = Supervisor(reactor, home, environ={})
+    s = supervisor(reactor, home)
     s.load()
     assert s.list() == [] and (home / "agents.json.unreadable").exists()
 
@@ -299,7 +384,7 @@ def test_logs_capture_and_tail(sup, reactor):
 
 
 def test_log_size_bound_rotates(reactor, tmp_path):
-    s = Supervisor(reactor, tmp_path / "home", environ={}, log_max_bytes=1000)
+    s = supervisor(reactor, tmp_path / "home", log_max_bytes=1000)
     s.upsert(spec())
     s.start("a1")
     proto = last(reactor).protocol
@@ -362,6 +447,7 @@ def test_scratch_directory_binaries_refused(tmp_path):
     os.chmod(binary, 0o755)
     assert "world-writable" in validate_command(str(binary))
     assert validate_command(PYTHON) is None
+    assert validate_command("/bin/sh") is None
 
 
 def test_interpreter_is_frozen_into_command():
@@ -389,3 +475,334 @@ def test_survivor_of_an_earlier_daemon_blocks_a_second_copy(sup, reactor, tmp_pa
     assert pid_file.read_text().strip() == str(last(reactor).pid)
     last(reactor).die(code=0)
     assert not pid_file.exists()
+
+
+# -- process groups and exits --------------------------------------------------------
+
+
+def test_stop_before_setsid_signals_the_process(sup, reactor):
+    """No group yet (the wrapper has not reached setsid): the signal goes to the process itself."""
+    sup.upsert(spec())
+    sup.start("a1")
+    proc = last(reactor)
+    proc.in_group = False
+    d = sup.stop("a1")
+    assert reactor.killpg_calls[0] == (proc.pgid, "TERM", False)
+    assert proc.signals == ["TERM"] and d.result["status"] == "stopped"
+
+
+def test_exit_settles_even_while_a_grandchild_holds_the_pipes(sup, reactor):
+    """
+    The exit settles stop at once although an escaped grandchild keeps the
+    pipes open; our ends are closed then, and the logs with them.
+    """
+    sup.upsert(spec())
+    sup.start("a1")
+    proc = last(reactor)
+    proc.escaped = True
+    d = sup.stop("a1", "kill")
+    assert d.result["status"] == "stopped" and d.result["last_exit_code"] == -9
+    assert proc.lost and not proc.pipes_open
+    assert all(log._fd is None for log in proc.protocol.logs.values())
+    assert sup.start("a1")["status"] == "running" and len(reactor.spawned) == 2
+
+
+def test_exit_kills_what_is_left_of_the_group(sup, reactor):
+    """A child that exits leaves no process of its group behind, and restart policy goes on."""
+    sup.upsert(spec(restart="on_failure"))
+    sup.start("a1")
+    proc = last(reactor)
+    proc.group_members = True  # `sleep 45 &` still running
+    proc.die(code=1)
+    assert group_signals(reactor, proc) == ["KILL"]
+    assert not proc.group_members and not proc.pipes_open
+    assert sup.list()[0]["status"] == "backoff"
+    reactor.advance(1.0)
+    assert sup.list()[0]["status"] == "running"
+
+
+def test_output_still_in_the_pipes_at_exit_is_logged(sup, reactor):
+    """What the child wrote just before it exited is read before our ends close."""
+    sup.upsert(spec(restart="never"))
+    sup.start("a1")
+    proc = last(reactor)
+    fds = []
+    for fd, text in ((1, b"last words\n"), (2, b"last error\n")):
+        r, w = os.pipe()
+        os.set_blocking(r, False)
+        os.write(w, text)
+        fds += [r, w]
+
+        class Reader:
+            def __init__(self, fd):
+                self.fd = fd
+
+            def fileno(self):
+                return self.fd
+
+        proc.pipes[fd] = Reader(r)
+    proc.escaped = True
+    try:
+        proc.die(code=0)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    out = sup.tail_log("a1", ("stdout", "stderr"), 10, 0).result
+    assert out["stdout"] == ["last words"] and out["stderr"] == ["last error"]
+    assert sup.list()[0]["status"] == "stopped"
+
+
+def test_shutdown_gives_up_after_the_grace(sup, reactor):
+    """A child that outlives even SIGKILL does not hold shutdown past the grace plus a margin."""
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        sup.upsert(spec())
+        sup.upsert(spec(id="quiet"))
+        sup.start("a1")
+        sup.start("quiet")
+        last(reactor).unkillable = True
+        reactor.obey_term = False
+        done = sup.shutdown()
+        reactor.advance(10.5)
+        assert not done.called  # SIGKILL went at 10 s; still waiting
+        reactor.advance(0.6)
+        assert done.called
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert any("did not exit" in e.get("log_format", "") and e.get("agent_ids") == "quiet" for e in events)
+    assert sup._lock_fd is None
+    assert reactor.getDelayedCalls() == []
+
+
+def test_shutdown_fires_once_every_child_exited(sup, reactor):
+    sup.upsert(spec())
+    sup.start("a1")
+    done = sup.shutdown()
+    assert done.called and reactor.getDelayedCalls() == []
+
+
+# -- token rotation ------------------------------------------------------------------------
+
+
+class FakeSession:
+    def __init__(self, client_id):
+        self.client_id, self.closed = client_id, False
+        self.disconnected = None
+
+    def disconnect(self, code, reason):
+        self.disconnected = (code, reason)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"command": "/bin/sh"}, {"args": ["other.py"]}, {"env": {"FOO": "baz"}}, {"cwd": "/"}],
+    ids=["command", "args", "env", "cwd"],
+)
+def test_launch_change_rotates_the_token_and_restarts(sup, reactor, change):
+    """A new command, args, env or cwd: new token, old binding closed, running child restarted."""
+    sup.upsert(spec(env={"FOO": "bar"}))
+    old_token = sup._agents["a1"].entry.token
+    sup.start("a1")
+    old_proc = last(reactor)
+    session = FakeSession("c7")
+    sup.attach("a1", session)
+    d = sup.upsert(spec(**{"env": {"FOO": "bar"}, **change}))
+    new_token = sup._agents["a1"].entry.token
+    assert new_token != old_token
+    assert not sup.verify("a1", old_token) and sup.verify("a1", new_token)
+    assert session.disconnected == (1008, "agent credentials rotated")
+    assert group_signals(reactor, old_proc) == ["TERM"] and len(reactor.spawned) == 2
+    assert reactor.spawned[1]["env"]["CAR_AGENT_TOKEN"] == new_token
+    result = d.result
+    assert result["status"] == "running" and result["pid"] == last(reactor).pid
+    assert result["attached"] is False and result["session_id"] is None
+    manifest = json.loads((sup.manifest_path).read_text())
+    assert manifest["agents"][0]["token"] == new_token
+
+
+def test_restart_after_rotation_waits_for_the_old_child(sup, reactor):
+    """A child slow to exit: the upsert answers once it is gone and the new one runs."""
+    reactor.obey_term = False
+    sup.upsert(spec())
+    sup.start("a1")
+    d = sup.upsert(spec(args=["v2.py"]))
+    assert not d.called and len(reactor.spawned) == 1
+    reactor.advance(10)
+    assert d.result["status"] == "running" and reactor.spawned[1]["args"][-1] == "v2.py"
+
+
+def test_other_changes_keep_the_token(sup, reactor):
+    """Name, restart policy, backoff, auto_start: same token, binding kept, no restart."""
+    sup.upsert(spec())
+    token = sup._agents["a1"].entry.token
+    sup.start("a1")
+    session = FakeSession("c7")
+    sup.attach("a1", session)
+    out = sup.upsert(spec(name="renamed", restart="always", backoff_secs=2.0, auto_start=True)).result
+    assert sup._agents["a1"].entry.token == token and sup.verify("a1", token)
+    assert session.disconnected is None and out["attached"] and out["session_id"] == "c7"
+    assert len(reactor.spawned) == 1 and group_signals(reactor, last(reactor)) == []
+
+
+def test_rotation_of_a_stopped_agent_does_not_start_it(sup, reactor):
+    sup.upsert(spec())
+    token = sup._agents["a1"].entry.token
+    out = sup.upsert(spec(args=["v2.py"])).result
+    assert out["status"] == "stopped" and reactor.spawned == []
+    assert sup._agents["a1"].entry.token != token
+
+
+# -- command and env rules --------------------------------------------------------------
+
+
+def _trusted_base():
+    """A directory only this user (or root) can change, to build commands in."""
+    for base in (Path.home(), Path(__file__).resolve().parents[2]):
+        try:
+            d = Path(tempfile.mkdtemp(dir=base, prefix=".car-test-"))
+        except OSError:
+            continue
+        probe = d / "probe"
+        probe.write_text("#!/bin/sh\n")
+        os.chmod(probe, 0o755)
+        if validate_command(str(probe)) is None:
+            return d
+        shutil.rmtree(d)
+    return None
+
+
+@pytest.fixture
+def trusted():
+    d = _trusted_base()
+    if d is None:
+        pytest.skip("no directory here that only this user and root can write")
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def _executable(path):
+    path.write_text("#!/bin/sh\n")
+    os.chmod(path, 0o755)
+    return path
+
+
+def _foreign(path):
+    """Give C{path} to another user (needs root)."""
+    if os.geteuid() != 0:
+        pytest.skip("changing a file's owner needs root")
+    os.lchown(path, 65534, 65534)
+
+
+def test_group_writable_directory_in_the_chain_refused(trusted):
+    """Not only o+w: a group-writable directory on the way is refused too, and named."""
+    shared = trusted / "shared"
+    shared.mkdir()
+    tool = _executable(shared / "tool")
+    assert validate_command(str(tool)) is None
+    os.chmod(shared, 0o775)
+    problem = validate_command(str(tool))
+    assert problem == f"command {tool}: directory {shared} is group- or world-writable (mode 0775)"
+
+
+def test_sticky_world_writable_directory_refused(trusted):
+    scratch = trusted / "scratch"
+    scratch.mkdir()
+    os.chmod(scratch, 0o1777)
+    tool = _executable(scratch / "tool")
+    assert f"directory {scratch} is group- or world-writable" in validate_command(str(tool))
+
+
+def test_group_writable_command_refused(trusted):
+    tool = _executable(trusted / "tool")
+    os.chmod(tool, 0o775)
+    assert validate_command(str(tool)) == f"command {tool}: file {tool} is group- or world-writable (mode 0775)"
+
+
+def test_command_owned_by_another_user_refused(trusted):
+    tool = _executable(trusted / "tool")
+    _foreign(tool)
+    assert validate_command(str(tool)) == (
+        f"command {tool}: {tool} is owned by uid 65534, not by the daemon's user (uid {os.geteuid()}) or root"
+    )
+
+
+def test_directory_owned_by_another_user_refused(trusted):
+    theirs = trusted / "theirs"
+    theirs.mkdir()
+    tool = _executable(theirs / "tool")
+    _foreign(theirs)
+    assert f"{theirs} is owned by uid 65534" in validate_command(str(tool))
+
+
+def test_symlink_owned_by_another_user_refused(trusted):
+    """A symlink on the given path must itself belong to the daemon's user or root."""
+    link = trusted / "python"
+    link.symlink_to(PYTHON)
+    assert validate_command(str(link)) is None
+    _foreign(link)
+    assert validate_command(str(link)) == (
+        f"command {link}: symlink {link} is owned by uid 65534, not by the daemon's user (uid {os.geteuid()}) or root"
+    )
+    dir_link = trusted / "bin"
+    dir_link.symlink_to(os.path.dirname(PYTHON))
+    via_dir = dir_link / os.path.basename(PYTHON)
+    assert validate_command(str(via_dir)) is None
+    _foreign(dir_link)
+    assert f"symlink {dir_link} is owned by uid 65534" in validate_command(str(via_dir))
+
+
+def test_symlink_into_a_scratch_directory_refused(trusted, tmp_path):
+    """The real path is checked as well: a trusted link to a file under /tmp is refused."""
+    tool = _executable(tmp_path / "tool")
+    link = trusted / "tool"
+    link.symlink_to(tool)
+    problem = validate_command(str(link))
+    assert problem is not None and "group- or world-writable" in problem
+    assert str(Path(tempfile.gettempdir())) in problem or str(tmp_path) in problem
+
+
+def test_symlink_chain_through_an_untrusted_directory_refused(trusted):
+    """Every symlink followed counts: a hop through a writable directory is refused."""
+    hop_dir = trusted / "hop"
+    hop_dir.mkdir()
+    (hop_dir / "python").symlink_to(PYTHON)
+    link = trusted / "python"
+    link.symlink_to("hop/python")
+    assert validate_command(str(link)) is None
+    os.chmod(hop_dir, 0o777)
+    assert f"directory {hop_dir} is group- or world-writable" in validate_command(str(link))
+
+
+@pytest.mark.parametrize("key", ["LD_PRELOAD", "LD_LIBRARY_PATH", "DYLD_INSERT_LIBRARIES", "PYTHONPATH", "PYTHONSTARTUP", "ld_preload"])
+def test_loader_variables_refused(key):
+    with pytest.raises(InvalidParams) as e:
+        parse_agent_spec({"id": "a", "command": PYTHON, "env": {key: "/x"}}, os.environ)
+    assert e.value.field == f"env.{key}"
+
+
+def test_loader_variable_in_a_stored_spec_blocks_the_spawn(reactor, tmp_path):
+    """A manifest entry from before the rule is not started, and health says why."""
+    home = tmp_path / "home"
+    first = supervisor(reactor, home)
+    first.upsert(spec())
+    first.shutdown()
+    manifest = json.loads((home / "agents.json").read_text())
+    manifest["agents"][0]["env"] = {"LD_PRELOAD": "/tmp/evil.so"}
+    (home / "agents.json").write_text(json.dumps(manifest))
+    second = supervisor(reactor, home)
+    assert second.start("a1")["status"] == "errored" and reactor.spawned == []
+    [health] = second.health()
+    assert health["ok"] is False and "LD_PRELOAD" in health["reason"]
+
+
+def test_nothing_starts_once_shutdown_began(sup, reactor):
+    """A restart (or a rotation's restart) whose stop ends during shutdown does not start a child again."""
+    reactor.obey_term = False
+    sup.upsert(spec())
+    sup.start("a1")
+    restarted = sup.restart("a1")
+    done = sup.shutdown()
+    reactor.advance(10)
+    assert done.called and restarted.result["status"] == "stopped"
+    assert len(reactor.spawned) == 1
