@@ -18,6 +18,8 @@ from typing import Any
 
 import attrs
 
+from car_twisted.private_files import ensure_private_dir, open_private
+
 __all__ = ["AgentLog", "StreamTail", "tail", "TAIL_CEILING_BYTES", "DEFAULT_MAX_LOG_BYTES"]
 
 TAIL_CEILING_BYTES = 8 * 1024 * 1024
@@ -30,13 +32,13 @@ class AgentLog:
     def __init__(self, path: Path, max_bytes: int = DEFAULT_MAX_LOG_BYTES) -> None:
         self.path = path
         self.max_bytes = max_bytes
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        ensure_private_dir(path.parent)
         self._fd: int | None = None
         self._size = 0
 
     def _open(self) -> int:
         if self._fd is None:
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            self._fd = open_private(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
             self._size = os.fstat(self._fd).st_size
         return self._fd
 
@@ -71,7 +73,7 @@ def tail(path: Path, n: int, offset: int, ceiling: int = TAIL_CEILING_BYTES) -> 
     end of C{path}, read from at most C{ceiling} trailing bytes.
     """
     try:
-        with open(path, "rb") as f:
+        with os.fdopen(open_private(path, os.O_RDONLY), "rb") as f:
             size = f.seek(0, os.SEEK_END)
             start = max(0, size - ceiling)
             f.seek(start)

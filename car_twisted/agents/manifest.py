@@ -26,6 +26,7 @@ from typing import Any, Mapping
 import attrs
 
 from car_twisted.errors import InvalidParams
+from car_twisted.private_files import read_private
 
 __all__ = [
     "AgentSpec",
@@ -318,7 +319,7 @@ def load_manifest(path: Path) -> list[ManifestEntry]:
     @raise ValueError: the file exists but cannot be read as a manifest.
     """
     try:
-        data = json.loads(path.read_bytes())
+        data = json.loads(read_private(path))
     except FileNotFoundError:
         return []
     entries = []

@@ -41,6 +41,7 @@ from car_twisted.agents.process import AgentProcess, kill_group, signal_group, w
 from car_twisted.auth import mint_token, tokens_equal, write_secret_file
 from car_twisted.errors import AgentAlreadyAttached, InvalidParams, RpcError
 from car_twisted.interfaces import IAgentIdentities
+from car_twisted.private_files import UnsafeStateError, ensure_private_dir, open_private, read_private
 
 __all__ = ["Supervisor", "STATUSES", "DEFAULT_STOP_GRACE_SECS"]
 
@@ -123,8 +124,8 @@ class Supervisor:
         if self._loaded:
             return
         self._loaded = True
-        self.manifest_path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(f"{self.manifest_path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        ensure_private_dir(self.manifest_path.parent)
+        fd = open_private(Path(f"{self.manifest_path}.lock"), os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             self._lock_fd = fd
@@ -137,6 +138,8 @@ class Supervisor:
             )
         try:
             entries = load_manifest(self.manifest_path)
+        except UnsafeStateError:
+            raise  # someone else's file: never "repair" it by renaming
         except (ValueError, KeyError, TypeError, AttributeError):
             self._log.failure("cannot read {manifest}; starting with no agents", manifest=str(self.manifest_path))
             if not self.observer:
@@ -379,7 +382,7 @@ class Supervisor:
         """
         path = self._pid_file(agent.spec.id)
         try:
-            pid = int(path.read_text().strip())
+            pid = int(read_private(path).strip())
             exe = os.path.realpath(os.readlink(f"/proc/{pid}/exe"))
         except (OSError, ValueError):
             exe = None

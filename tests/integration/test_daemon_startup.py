@@ -31,6 +31,17 @@ def run_to_exit(home, port, *args, timeout=60):
     return subprocess.run(TWIST + ["--port", str(port), *args], env=env_for(home), capture_output=True, timeout=timeout)
 
 
+def unix_answers(path):
+    s = socket.socket(socket.AF_UNIX)
+    try:
+        s.connect(str(path))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
 def one_clear_line(proc):
     err = proc.stderr.decode()
     lines = [line for line in err.splitlines() if line.strip()]
@@ -155,13 +166,15 @@ def test_restart_right_after_kill_9(tmp_path):
                 assert second.poll() is None, log.read_text()
                 assert time.monotonic() < deadline
                 time.sleep(0.05)
-            s = socket.socket(socket.AF_UNIX)
-            s.connect(str(sock))  # the shared socket is the new daemon's
-            s.close()
+            # The shared socket becomes the new daemon's (bound just after
+            # TCP); wait for the reactor too, so SIGTERM finds its handler.
+            while not (unix_answers(sock) and b"Starting reactor" in log.read_bytes()):
+                assert second.poll() is None and time.monotonic() < deadline
+                time.sleep(0.05)
+            assert "primary daemon" in log.read_text()
         finally:
             second.send_signal(signal.SIGTERM)
             second.wait(timeout=15)
-        assert "primary daemon" in log.read_text()  # flushed once it has exited
     finally:
         first.wait(timeout=15)
 

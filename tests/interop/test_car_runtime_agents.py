@@ -54,6 +54,7 @@ AGENT_SCRIPT = textwrap.dedent(
     import sys
     import time
 
+    sys.path.insert(0, os.environ["INTEROP_SITE_DIR"])
     import car_runtime
 
     stopping = False
@@ -168,11 +169,12 @@ def test_supervised_agent_attaches_with_agent_token_alone(daemon: Daemon, client
         "id": AGENT_ID,
         "name": "car-runtime interop agent",
         "command": python,
-        "args": [str(script), "marker-7f3a"],
+        "args": ["-u", str(script), "marker-7f3a"],
         "cwd": str(agent_dir),
         "env": {
-            "PYTHONPATH": site_dir,
-            "PYTHONUNBUFFERED": "1",
+            # Loader variables (PYTHONPATH, LD_*) are refused in an agent's
+            # env; the script puts the client's site directory on its path.
+            "INTEROP_SITE_DIR": site_dir,
             "HOME": str(agent_home),
             "XDG_RUNTIME_DIR": str(agent_home / "xdg"),
             "CAR_NO_VERSION_WARNING": "1",
@@ -188,7 +190,9 @@ def test_supervised_agent_attaches_with_agent_token_alone(daemon: Daemon, client
             tail = listed = f"({type(e).__name__}: {e})"
         return f"agent: {listed}\ntail_log: {tail}\ndaemon log:\n{daemon.log()}"
 
-    upserted = op.call("agents.upsert", spec)
+    # agents.upsert is host-only: the client sends it through HostClient,
+    # on a fresh connection authenticated with the host token.
+    upserted = json.loads(car_runtime.HostClient(op.rt).agents_upsert(json.dumps(spec)))
     assert upserted["id"] == AGENT_ID
     assert upserted["status"] != "running" and upserted["attached"] is False
     assert upserted["spec"]["command"] == python

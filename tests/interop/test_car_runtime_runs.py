@@ -80,6 +80,7 @@ AGENT_SCRIPT = textwrap.dedent(
     import time
     import traceback
 
+    sys.path.insert(0, os.environ["INTEROP_SITE_DIR"])
     import car_runtime
 
     stopping = False
@@ -270,11 +271,12 @@ def test_supervised_run_is_traced_for_the_host_and_refused_to_the_daemon_token(d
         "id": AGENT_ID,
         "name": "car-runtime runs agent",
         "command": os.path.realpath(sys.executable),
-        "args": [str(script), str(plan), str(go_file)],
+        "args": ["-u", str(script), str(plan), str(go_file)],
         "cwd": str(agent_dir),
         "env": {
-            "PYTHONPATH": site_dir,
-            "PYTHONUNBUFFERED": "1",
+            # Loader variables (PYTHONPATH, LD_*) are refused in an agent's
+            # env; the script puts the client's site directory on its path.
+            "INTEROP_SITE_DIR": site_dir,
             "HOME": str(agent_home),
             "XDG_RUNTIME_DIR": str(agent_home / "xdg"),
             "CAR_NO_VERSION_WARNING": "1",
@@ -314,7 +316,8 @@ def test_supervised_run_is_traced_for_the_host_and_refused_to_the_daemon_token(d
             assert secret not in f"{err.message} {data!r}", (method, err.message, data)
 
     # -- the agent starts a run and records the first three turns ----------
-    assert call("agents.upsert", spec)["id"] == AGENT_ID
+    # agents.upsert is host-only: the client sends it through HostClient.
+    assert json.loads(car_runtime.HostClient(op).agents_upsert(json.dumps(spec)))["id"] == AGENT_ID
     call("agents.start", {"id": AGENT_ID})
     assert call("agents.wait", {"id": AGENT_ID, "targets": ["running"], "timeout_secs": 10})["status"] == "running", diagnose()
     first = agent_line("AGENT-RUN ")

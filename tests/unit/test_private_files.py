@@ -138,3 +138,27 @@ def test_token_files_through_symlinks_are_refused(tmp_path):
     with pytest.raises(UnsafeStateError):
         remove_if_ours(d / "auth-token", "tok")
     assert victim.exists()
+
+
+def test_log_and_run_directories_are_0700_at_every_level(tmp_path):
+    """logs/, logs/agents/, runs/ and runs/<agent>/ are made 0700, whatever the umask."""
+    from twisted.internet.task import Clock
+
+    from car_twisted.agents.logs import AgentLog
+    from car_twisted.runs.store import JsonlRunStore
+
+    home = tmp_path / "home"
+    home.mkdir(mode=0o700)
+    old = os.umask(0)
+    try:
+        log = AgentLog(home / "logs" / "agents" / "a1.stdout.log")
+        log.write(b"hello\n")
+        log.close()
+        store = JsonlRunStore(Clock(), home / "runs")
+        store.append("a1", "r1", [{"record": "started"}])
+    finally:
+        os.umask(old)
+    for d in ("logs", "logs/agents", "runs", "runs/a1"):
+        assert mode(home / d) == 0o700, d
+    assert mode(home / "logs" / "agents" / "a1.stdout.log") == 0o600
+    assert mode(home / "runs" / "a1" / "r1.jsonl") == 0o600
