@@ -67,6 +67,45 @@ def request(method: str, params: Any = None, rid: Any = 1) -> bytes:
     return json.dumps(msg).encode()
 
 
+class DispatchConn:
+    """
+    One connection driven through the state's real ``Dispatcher`` on a
+    ``MemorySink``: ``call`` sends a request and returns the reply with its
+    id; ``auth`` (the ``session.auth`` params) authenticates first.
+    """
+
+    def __init__(self, state: ServerState, auth: Any = None) -> None:
+        from car_twisted.rpc.dispatch import Dispatcher
+
+        self.state = state
+        self.sink = MemorySink()
+        self.session = state.open_session(self.sink)
+        self.dispatcher = Dispatcher(state)
+        self.rid = 10
+        if auth is not None:
+            reply = self.call("session.auth", auth)
+            assert reply["result"]["ok"] is True, reply
+
+    def send(self, method: str, params: Any = None) -> int:
+        self.rid += 1
+        self.dispatcher.dispatch_text(self.session, request(method, params, self.rid))
+        return self.rid
+
+    def call(self, method: str, params: Any = None) -> Any:
+        rid = self.send(method, params)
+        replies = [m for m in self.sink.pop() if m.get("id") == rid]
+        assert replies, f"no reply to {method}"
+        return replies[0]
+
+    def result(self, method: str, params: Any = None) -> Any:
+        reply = self.call(method, params)
+        assert "result" in reply, reply
+        return reply["result"]
+
+    def close(self) -> None:
+        self.state.close_session(self.session)
+
+
 # -- a real WebSocket client ---------------------------------------------------
 
 

@@ -14,7 +14,6 @@ import subprocess
 import sys
 import time
 
-import pytest
 
 from support import free_port, port_open
 

@@ -12,37 +12,15 @@ import pytest
 
 from car_twisted._version import __version__
 from car_twisted.agents.manifest import parse_agent_spec
-from car_twisted.rpc.dispatch import Dispatcher
-from support import HOST_TOKEN, TOKEN, FakeSink, make_state, request
+from support import HOST_TOKEN, TOKEN, DispatchConn, make_state
 from test_supervisor import FakeProcessReactor, group_signals
 
 PYTHON = os.path.realpath(sys.executable)
 HOST_ONLY = "forbidden: {} needs the host role (session.auth with the host token)"
 
 
-class Conn:
-    def __init__(self, state, **auth):
-        self.state = state
-        self.sink = FakeSink()
-        self.session = state.open_session(self.sink)
-        self.dispatcher = Dispatcher(state)
-        self.rid = 10
-        if auth:
-            reply = self.call("session.auth", auth)
-            assert reply["result"]["ok"] is True, reply
-
-    def call(self, method, params=None):
-        self.rid += 1
-        rid = self.rid
-        self.dispatcher.dispatch_text(self.session, request(method, params, rid))
-        replies = [m for m in self.sink.pop() if m.get("id") == rid]
-        assert replies, f"no reply to {method}"
-        return replies[0]
-
-    def result(self, method, params=None):
-        reply = self.call(method, params)
-        assert "result" in reply, reply
-        return reply["result"]
+def Conn(state, **auth):
+    return DispatchConn(state, auth or None)
 
 
 @pytest.fixture

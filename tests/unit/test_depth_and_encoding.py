@@ -9,11 +9,10 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from car_twisted.errors import CallbackUnencodable, ClientRpcError
 from car_twisted.proposal.ir import ToolCall, ToolError
-from car_twisted.rpc.dispatch import Dispatcher
 from car_twisted.sinks import WsToolExecutor
 from car_twisted.testing import MemorySink
 from car_twisted.ws.channel import WsChannel
-from support import TOKEN, FakeSink, make_state, request
+from support import TOKEN, DispatchConn, make_state
 
 
 def nested(depth):
@@ -23,38 +22,21 @@ def nested(depth):
     return value
 
 
-class Conn:
-    def __init__(self, state):
-        self.state = state
-        self.sink = FakeSink()
-        self.session = state.open_session(self.sink)
-        self.dispatcher = Dispatcher(state)
-        self.dispatcher.dispatch_text(self.session, request("session.auth", {"token": TOKEN}, 0))
-        self.sink.pop()
-
-    def call(self, method, params, rid=1):
-        self.dispatcher.dispatch_text(self.session, request(method, params, rid))
-        return self.sink.pop()
-
-
 @pytest.fixture
 def conn(tmp_path):
-    return Conn(make_state(tmp_path, Clock()))
+    return DispatchConn(make_state(tmp_path, Clock()), {"token": TOKEN})
 
 
 def test_too_deep_value_is_refused_not_stored(conn):
     """A value past the depth limit is -32602 and never stored; one inside it round-trips."""
     limit = conn.state.config.max_json_depth
-    (reply,) = conn.call("state.set", {"key": "deep", "value": nested(limit + 10)})
+    reply = conn.call("state.set", {"key": "deep", "value": nested(limit + 10)})
     assert reply["error"]["code"] == -32602
     assert reply["error"]["data"] == {"field": "params", "limit": limit}
-    (keys,) = conn.call("state.keys", {}, 2)
-    assert keys["result"] == []
+    assert conn.result("state.keys", {}) == []
     ok = nested(limit - 5)
-    (reply,) = conn.call("state.set", {"key": "ok", "value": ok}, 3)
-    assert reply["result"] == "ok"
-    (reply,) = conn.call("state.get", {"key": "ok"}, 4)
-    assert reply["result"] == ok
+    assert conn.result("state.set", {"key": "ok", "value": ok}) == "ok"
+    assert conn.result("state.get", {"key": "ok"}) == ok
 
 
 def test_too_deep_answer_fails_its_callback(conn):

@@ -15,10 +15,9 @@ from car_twisted.proposal import rules
 from car_twisted.proposal.engine import MAX_DEPENDENCY_EDGES, MAX_POLICY_SCAN_CHARS, ProposalEngine
 from car_twisted.proposal.ir import ToolError, ToolSchema, parse_proposal
 from car_twisted.proposal.rules import parse_policy
-from car_twisted.rpc.dispatch import Dispatcher
 from car_twisted.runtime import StateStore
 from car_twisted.testing import FakeToolExecutor
-from support import TOKEN, FakeSink, make_state, request
+from support import TOKEN, DispatchConn, make_state
 
 
 def tool(aid, name="echo", **kw):
@@ -202,27 +201,9 @@ def test_string_parameters_are_scanned_as_they_are(monkeypatch):
 # -- unknown dependencies -----------------------------------------------------------
 
 
-class Conn:
-    """One authenticated connection through a real ``Dispatcher``."""
-
-    def __init__(self, state):
-        self.sink = FakeSink()
-        self.session = state.open_session(self.sink)
-        self.dispatcher = Dispatcher(state)
-        self.rid = 10
-        self.call("session.auth", {"token": TOKEN})
-
-    def call(self, method, params=None):
-        self.rid += 1
-        self.dispatcher.dispatch_text(self.session, request(method, params, self.rid))
-        replies = [m for m in self.sink.pop() if m.get("id") == self.rid]
-        assert replies, f"no reply to {method}"
-        return replies[0]
-
-
 @pytest.fixture
 def conn(tmp_path):
-    c = Conn(make_state(tmp_path, Clock()))
+    c = DispatchConn(make_state(tmp_path, Clock()), {"token": TOKEN})
     assert "result" in c.call("tools.register", [{"name": "echo"}])
     c.fake = FakeToolExecutor({"echo": lambda call: 1})
     c.session._components[IToolExecutor] = c.fake

@@ -5,34 +5,11 @@ import json
 import pytest
 from twisted.internet.task import Clock
 
-from car_twisted.rpc.dispatch import Dispatcher
-from support import TOKEN, FakeSink, make_state, request
+from support import TOKEN, DispatchConn, make_state
 
 
-class Conn:
-    def __init__(self, state):
-        self.state = state
-        self.sink = FakeSink()
-        self.session = state.open_session(self.sink)
-        self.dispatcher = Dispatcher(state)
-        self.rid = 10
-        self.send("session.auth", {"token": TOKEN})
-
-    def send(self, method, params=None):
-        self.rid += 1
-        self.dispatcher.dispatch_text(self.session, request(method, params, self.rid))
-        return self.rid
-
-    def call(self, method, params=None):
-        rid = self.send(method, params)
-        replies = [m for m in self.sink.pop() if m.get("id") == rid]
-        assert replies, f"no reply to {method}"
-        return replies[0]
-
-    def result(self, method, params=None):
-        reply = self.call(method, params)
-        assert "result" in reply, reply
-        return reply["result"]
+def Conn(state):
+    return DispatchConn(state, {"token": TOKEN})
 
 
 @pytest.fixture

@@ -4,29 +4,13 @@ import pytest
 from twisted.internet.task import Clock
 
 from car_twisted.budget import BudgetExceeded, ByteBudget
-from car_twisted.rpc.dispatch import Dispatcher
-from support import TOKEN, FakeSink, make_state, request
+from support import TOKEN, DispatchConn, make_state
 
 KIB = 1024
 
 
-class Conn:
-    def __init__(self, state):
-        self.state = state
-        self.sink = FakeSink()
-        self.session = state.open_session(self.sink)
-        self.dispatcher = Dispatcher(state)
-        self.rid = 10
-        assert self.call("session.auth", {"token": TOKEN})["result"]["ok"]
-
-    def call(self, method, params=None):
-        self.rid += 1
-        self.dispatcher.dispatch_text(self.session, request(method, params, self.rid))
-        (reply,) = [m for m in self.sink.pop() if m.get("id") == self.rid]
-        return reply
-
-    def close(self):
-        self.state.close_session(self.session)
+def Conn(state):
+    return DispatchConn(state, {"token": TOKEN})
 
 
 @pytest.fixture
