@@ -14,7 +14,6 @@ import subprocess
 import sys
 import time
 
-
 from support import free_port, port_open
 
 TWIST = [sys.executable, "-m", "twisted", "--log-format=text", "car"]
