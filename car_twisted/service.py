@@ -38,6 +38,7 @@ __all__ = [
     "secure_endpoint_description",
     "freeze_startup_heap",
     "unix_socket_description",
+    "socket_answers",
 ]
 
 DEFAULT_TCP_PORT = 9100
@@ -93,7 +94,8 @@ def unix_path(description: str) -> Path | None:
     return Path(path.replace("\\:", ":").replace("\\\\", "\\"))
 
 
-def _socket_is_live(path: Path) -> bool:
+def socket_answers(path: Path) -> bool:
+    """Whether a listener accepts connections on the UNIX socket C{path}."""
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         s.settimeout(1.0)
@@ -111,7 +113,7 @@ def clear_stale_socket(path: Path) -> bool:
     pid lock file an earlier version kept beside it.
     @return: True if a live listener holds it.
     """
-    if _socket_is_live(path):
+    if socket_answers(path):
         return True
     for stale in (path, path.with_name(path.name + ".lock")):
         try:
@@ -274,7 +276,7 @@ class CarDaemonService(MultiService):
         # Before anything is read or written there: a state root another
         # user prepared (or can change) is refused outright.
         check_private_paths([self.paths.home, self.paths.token_dir, self.paths.socket_dir])
-        self.primary = self.lock.acquire() and not _socket_is_live(self.paths.shared_socket)
+        self.primary = self.lock.acquire() and not socket_answers(self.paths.shared_socket)
         if self.primary:
             self._log.info(
                 "primary daemon for {home} (lock {lock})",

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 
+from car_twisted.service import socket_answers
 from support import free_port, port_open
 
 TWIST = [sys.executable, "-m", "twisted", "--log-format=text", "car"]
@@ -27,17 +28,6 @@ def env_for(home):
 
 def run_to_exit(home, port, *args, timeout=60):
     return subprocess.run(TWIST + ["--port", str(port), *args], env=env_for(home), capture_output=True, timeout=timeout)
-
-
-def unix_answers(path):
-    s = socket.socket(socket.AF_UNIX)
-    try:
-        s.connect(str(path))
-        return True
-    except OSError:
-        return False
-    finally:
-        s.close()
 
 
 def one_clear_line(proc):
@@ -166,7 +156,7 @@ def test_restart_right_after_kill_9(tmp_path):
                 time.sleep(0.05)
             # The shared socket becomes the new daemon's (bound just after
             # TCP); wait for the reactor too, so SIGTERM finds its handler.
-            while not (unix_answers(sock) and b"Starting reactor" in log.read_bytes()):
+            while not (socket_answers(sock) and b"Starting reactor" in log.read_bytes()):
                 assert second.poll() is None and time.monotonic() < deadline
                 time.sleep(0.05)
             assert "primary daemon" in log.read_text()
