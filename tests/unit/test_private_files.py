@@ -162,3 +162,12 @@ def test_log_and_run_directories_are_0700_at_every_level(tmp_path):
         assert mode(home / d) == 0o700, d
     assert mode(home / "logs" / "agents" / "a1.stdout.log") == 0o600
     assert mode(home / "runs" / "a1" / "r1.jsonl") == 0o600
+
+
+@pytest.mark.parametrize("loose", ["ai.parslee.car", "runs", "runs/agent-7", "logs/agents"])
+def test_loose_token_run_or_log_directory_is_refused(root, loose):
+    """A pre-existing token, run or log directory that others may write fails the start-up check."""
+    (root / loose).mkdir(parents=True, mode=0o700)
+    os.chmod(root / loose, 0o775)
+    with pytest.raises(UnsafeStateError, match=f"{loose} is writable by group or others"):
+        check_private_tree(root)
