@@ -16,7 +16,7 @@ from twisted.python import usage
 from car_twisted._reactor import maybe_global_reactor
 from car_twisted.config import parse_limit
 from car_twisted.paths import ConfigError
-from car_twisted.service import DEFAULT_TCP_PORT, EXIT_CONFIG, make_daemon_service
+from car_twisted.daemon import DEFAULT_TCP_PORT, EXIT_CONFIG, make_daemon_service
 from car_twisted.state import ServerState
 
 __all__ = ["Options", "makeService", "EXIT_CONFIG"]

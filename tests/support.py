@@ -20,7 +20,8 @@ from twisted.python.failure import Failure
 from car_twisted.config import ServerStateConfig
 from car_twisted.testing import MemorySink
 from car_twisted.paths import CarPaths
-from car_twisted.service import make_car_service, unix_socket_description
+from car_twisted.endpoints import unix_socket_description
+from car_twisted.service import make_car_service
 from car_twisted.state import ServerState
 
 TOKEN = "test-daemon-token-0123456789abcdefghijklmnopq"
@@ -290,8 +291,7 @@ async def start_server(reactor: Any, tmp_path: Path, state: ServerState | None =
     sock = tmp_path / "run" / "car.sock"
     service = make_car_service(state, reactor, ["tcp:0:interface=127.0.0.1", unix_socket_description(sock)])
     service.startService()
-    listeners = list(service)
-    port = listeners[0].port.getHost().port
+    port = service.tcp_port()
     return RunningServer(
         state=state,
         service=service,

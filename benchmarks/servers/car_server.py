@@ -215,7 +215,7 @@ def main() -> None:
         svc = make_car_service(state, reactor, [f"tcp:{args.port}:interface=127.0.0.1"])
         svc.startService()
         freeze_startup_heap()  # as `twist car` does once it is listening
-        port = next(iter(svc)).port.getHost().port
+        port = svc.tcp_port()
         print(f"LISTENING {port}", flush=True)
         reactor.addSystemEventTrigger("before", "shutdown", svc.stopService)
         reactor.run()  # installs SIGINT/SIGTERM handlers that stop the reactor

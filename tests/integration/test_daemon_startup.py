@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 
-from car_twisted.service import socket_answers
+from car_twisted.endpoints import socket_answers
 from support import free_port, port_open
 
 TWIST = [sys.executable, "-m", "twisted", "--log-format=text", "car"]

@@ -10,12 +10,8 @@ from twisted.plugin import getPlugins
 from twisted.python import usage
 
 from car_twisted import tap
-from car_twisted.service import (
-    CarDaemonService,
-    secure_endpoint_description,
-    unix_path,
-    unix_socket_description,
-)
+from car_twisted.daemon import CarDaemonService
+from car_twisted.endpoints import secure_endpoint_description, unix_path, unix_socket_description
 
 
 def test_plugin_is_discoverable():
