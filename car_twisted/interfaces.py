@@ -10,9 +10,11 @@ from zope.interface import Attribute, Interface
 
 __all__ = [
     "IAgentIdentities",
+    "IBinaryReceiver",
     "IClientSession",
     "IMethodProvider",
     "IRunStore",
+    "ISessionFeature",
     "IToolExecutor",
     "IWsSink",
 ]
@@ -62,6 +64,38 @@ class IClientSession(Interface):
 
     client_id = Attribute("A daemon-unique id for this connection.")
     channel = Attribute("The session's WsChannel.")
+
+
+class ISessionFeature(Interface):
+    """
+    One feature's per-connection state (``ClientSession.feature``): made on
+    first use, closed with the connection.
+    """
+
+    def holds_client_state():
+        """
+        @return: C{True} while it holds something the client registered
+            that a reconnect would lose (the client replays nothing), which
+            keeps the connection from being closed as idle.
+        """
+
+    def close():
+        """The connection is gone: release what this feature holds."""
+
+
+class IBinaryReceiver(Interface):
+    """
+    Where a connection's binary frames go (the CAR binary frame protocol of
+    voice streams).  Found by adapting the session through the daemon's
+    registry; with none, binary frames are refused with an error.
+    """
+
+    def receive(payload):
+        """
+        Take one binary message from the client.
+
+        @type payload: L{bytes}
+        """
 
 
 class IMethodProvider(Interface):

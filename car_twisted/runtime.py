@@ -10,17 +10,22 @@ state store in bytes as well as keys.
 from __future__ import annotations
 
 import secrets
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import orjson
+from zope.interface import implementer
 
 from car_twisted.budget import ByteBudget
 from car_twisted.errors import InvalidParams, RpcError
+from car_twisted.interfaces import ISessionFeature
 from car_twisted.proposal.ir import ToolSchema
 from car_twisted.proposal.rules import PolicyDefinition
 from car_twisted.rpc.envelope import dumps
 
-__all__ = ["SessionRuntime", "StateStore", "StateView", "DEFAULT_STATE_BYTES"]
+if TYPE_CHECKING:
+    from car_twisted.session import ClientSession
+
+__all__ = ["SessionRuntime", "KeyValueStore", "KeyValueView", "DEFAULT_STATE_BYTES", "runtime_of"]
 
 MAX_TOOLS = 1024
 MAX_POLICIES = 1024
@@ -35,7 +40,7 @@ _ENTRY_OVERHEAD = 96
 _MISSING = object()
 
 
-class StateStore:
+class KeyValueStore:
     """
     The state map: one table per tenant (``None`` for unscoped calls), so
     no key of one can name a key of another, whatever characters it holds.
@@ -51,8 +56,8 @@ class StateStore:
         self.max_keys = max_keys
         self.budget = budget if budget is not None else ByteBudget("connection state", DEFAULT_STATE_BYTES)
 
-    def view(self, tenant_id: str | None) -> "StateView":
-        return StateView(self, tenant_id or None)
+    def view(self, tenant_id: str | None) -> "KeyValueView":
+        return KeyValueView(self, tenant_id or None)
 
     def __len__(self) -> int:
         return self._keys
@@ -113,14 +118,14 @@ def _check_key(key: str) -> str:
     return key
 
 
-class StateView:
+class KeyValueView:
     """
-    One tenant's (or the unscoped) table of a ``StateStore``, as a
+    One tenant's (or the unscoped) table of a ``KeyValueStore``, as a
     mapping of decoded values for the proposal engine, plus the encoded
     forms ``state.*`` answers with.
     """
 
-    def __init__(self, store: StateStore, tenant: str | None) -> None:
+    def __init__(self, store: KeyValueStore, tenant: str | None) -> None:
         self._store = store
         self._tenant = tenant
 
@@ -164,26 +169,30 @@ class StateView:
         return iter(self.keys())
 
 
+@implementer(ISessionFeature)
 class SessionRuntime:
-    """What ``tools.*``, ``policy.*``, ``state.*`` and proposals work on."""
+    """
+    What ``tools.*``, ``policy.*``, ``state.*`` and proposals work on: one
+    connection's feature (``runtime_of(session)``).
+    """
 
     def __init__(self, state_budget: ByteBudget | None = None) -> None:
         self.session_id = f"sess-{secrets.token_hex(6)}"
         self.tools: dict[str, ToolSchema] = {}
         self.global_policies: list[PolicyDefinition] = []
         self.policy_sessions: dict[str, list[PolicyDefinition]] = {}
-        self.state = StateStore(state_budget)
+        self.keyvalue = KeyValueStore(state_budget)
         # Set by a terminal tool error: later proposals are refused until a
         # host clears it (session.clear_halt) or the client reconnects.
         self.halted: dict[str, str] | None = None
 
-    def holds_anything(self) -> bool:
+    def holds_client_state(self) -> bool:
         """True once the client registered something a reconnect would lose."""
-        return bool(self.tools or self.global_policies or self.policy_sessions or len(self.state))
+        return bool(self.tools or self.global_policies or self.policy_sessions or len(self.keyvalue))
 
     def close(self) -> None:
         """The connection is gone: give its state bytes back."""
-        self.state.clear()
+        self.keyvalue.clear()
 
     # -- tools -------------------------------------------------------------------
 
@@ -235,6 +244,17 @@ class SessionRuntime:
 
     def close_policy_session(self, session_id: str) -> bool:
         return self.policy_sessions.pop(session_id, None) is not None
+
+
+def runtime_of(session: ClientSession) -> SessionRuntime:
+    """C{session}'s runtime, made on first use on the connection's own byte budget."""
+    return session.feature(SessionRuntime, _new_runtime)
+
+
+def _new_runtime(session: ClientSession) -> SessionRuntime:
+    server = session.state
+    budget = ByteBudget("connection state", server.config.max_state_bytes, parent=server.state_budget)
+    return SessionRuntime(budget)
 
 
 def scope_label(session_id: str | None) -> Any:

@@ -4,43 +4,74 @@
 Mutable by design (auth state, negotiated protocol, bindings change over
 the connection's life); created by ``ServerState.open_session`` and closed
 exactly once by ``ServerState.close_session``, which runs the registered
-cleanups in reverse order.
+cleanups, then closes the connection's features, newest first.  A feature
+(``ISessionFeature``: the runtime's tools and state, a connection's part in
+run tracing, ...) is made on first use with ``session.feature(kind, make)``
+and is the only place that feature's per-connection state lives.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Callable, TypeVar
 
 import attrs
 from twisted.logger import Logger
 from zope.interface import implementer
+from zope.interface.interface import InterfaceClass
 
-from car_twisted.interfaces import IClientSession
+from car_twisted.interfaces import IClientSession, ISessionFeature
 from car_twisted.ws.channel import WsChannel
 
-__all__ = ["ClientSession", "ROLE_HOST"]
+if TYPE_CHECKING:
+    from car_twisted.state import ServerState
+
+__all__ = ["Activity", "ClientSession", "ROLE_HOST"]
 
 ROLE_HOST = "host"
 
 _log = Logger()
+F = TypeVar("F")
+
+
+@attrs.define(eq=False)
+class Activity:
+    """
+    What the idle sweep reads: the protocol sets C{active} on every frame,
+    the sweep turns it into C{last_active}; C{pins} > 0 (an open run, a
+    live subscription) keeps a silent connection open.
+    """
+
+    active: bool = True
+    last_active: float = 0.0
+    pins: int = 0
+
+    def pin(self) -> None:
+        """Keep the connection open while idle (until ``unpin``)."""
+        self.pins += 1
+
+    def unpin(self) -> None:
+        self.pins = max(0, self.pins - 1)
 
 
 @implementer(IClientSession)
 @attrs.define(eq=False)
 class ClientSession:
     """
+    Who is on the other end of one connection, and what it negotiated.
+    Each feature keeps its own per-connection state as a component
+    (``feature``), so a new one does not add fields here.
+
     @ivar role: ``"host"`` after a host-token auth, else None.
     @ivar operator: True once the connection presented the daemon token
         (or the daemon runs with auth off).
     @ivar agent_id: the supervised agent this connection is bound to.
     @ivar protocol_version: set by ``server.handshake``; None until then.
     @ivar in_flight: requests answered asynchronously and not yet done.
-    @ivar binary_handler: receives binary frames (voice streams).
     """
 
     client_id: str
     channel: WsChannel
-    state: Any = attrs.field(repr=False)
+    state: ServerState = attrs.field(repr=False)
     authenticated: bool = False
     role: str | None = None
     operator: bool = False
@@ -51,46 +82,51 @@ class ClientSession:
     required_capabilities: tuple[str, ...] = ()
     auth_failures: int = 0
     in_flight: int = 0
-    binary_handler: Callable[["ClientSession", bytes], None] | None = None
-    # Idle tracking: the protocol sets ``active`` on every frame; the
-    # state's sweep turns it into ``last_active``.  ``pins`` > 0 (a live
-    # subscription, say) keeps an idle connection open.
-    active: bool = True
-    last_active: float = 0.0
-    pins: int = 0
-    # Output back-pressure: True while the transport's buffer is full;
-    # ``resume_hooks`` run when it drains (run-trace subscribers flush).
-    write_paused: bool = False
-    resume_hooks: list[Callable[[], Any]] = attrs.field(factory=list, repr=False)
-    current_run: str | None = None
-    _runs_hooked: bool = attrs.field(default=False, repr=False)
+    activity: Activity = attrs.field(factory=Activity, repr=False)
     closed: bool = False
-    _cleanups: list[Callable[[], Any]] = attrs.field(factory=list, repr=False)
-    _runtime: Any = attrs.field(default=None, repr=False)
-    _components: dict[Any, Any] = attrs.field(factory=dict, repr=False)
+    _cleanups: list[Callable[[], object]] = attrs.field(factory=list, repr=False)
+    _features: dict[type, object] = attrs.field(factory=dict, repr=False)
+    _components: dict[InterfaceClass, object] = attrs.field(factory=dict, repr=False)
 
-    @property
-    def runtime(self) -> Any:
-        """Tools, policies and state of this connection, made on first use."""
-        if self._runtime is None:
-            self._runtime = self.state.new_runtime()
-            self.on_close(self._runtime.close)
-        return self._runtime
+    # -- per-connection components ---------------------------------------------
 
-    def holds_client_state(self) -> bool:
+    def feature(self, kind: type[F], make: Callable[[ClientSession], F]) -> F:
         """
-        True while the connection holds anything its client registered
-        (tools, policies, policy sessions, state) or a pin (an open run, a
-        subscription): a reconnect would silently lose it.
+        This connection's C{kind} feature, made by C{make(self)} on first
+        use and closed with the connection (at once if it is gone).
         """
-        return self.pins > 0 or (self._runtime is not None and self._runtime.holds_anything())
+        found = self._features.get(kind)
+        if found is None:
+            made = make(self)
+            if not ISessionFeature.providedBy(made):
+                raise TypeError(f"{kind.__name__} features must provide ISessionFeature")
+            self._features[kind] = found = made
+            if self.closed:
+                _close_feature(self, made)
+        return found  # type: ignore[return-value]
 
-    def component(self, iface: Any) -> Any:
-        """This session's C{iface} component, adapted once and kept."""
+    def existing_feature(self, kind: type[F]) -> F | None:
+        """C{kind}'s feature if this connection has made one, else None."""
+        return self._features.get(kind)  # type: ignore[return-value]
+
+    def component(self, iface: InterfaceClass) -> object:
+        """This session's C{iface} component from the daemon's adapters, adapted once and kept."""
         found = self._components.get(iface)
         if found is None:
             found = self._components[iface] = self.state.component(self, iface)
         return found
+
+    def holds_client_state(self) -> bool:
+        """
+        True while any feature holds something its client registered, or a
+        pin is set (an open run, a subscription): a reconnect would
+        silently lose it, since the client replays nothing.
+        """
+        return self.activity.pins > 0 or any(
+            ISessionFeature(f).holds_client_state() for f in self._features.values()
+        )
+
+    # -- authority ---------------------------------------------------------------
 
     @property
     def is_host(self) -> bool:
@@ -104,21 +140,16 @@ class ClientSession:
         """
         return self.agent_id is not None and not self.operator and not self.is_host
 
+    # -- lifecycle ---------------------------------------------------------------
+
     def disconnect(self, code: int, reason: str) -> None:
         """Close this connection (a Close frame, then drop)."""
         self.channel.sink.close(code, reason)
 
-    def pin(self) -> None:
-        """Keep this connection open while idle (until ``unpin``)."""
-        self.pins += 1
-
-    def unpin(self) -> None:
-        self.pins = max(0, self.pins - 1)
-
     def reapable(self) -> bool:
         """
         Idle-closable: a bare connection, holding nothing a reconnect would
-        lose (the client replays nothing), nothing in flight, not an agent.
+        lose, nothing in flight, not an agent.
         """
         return (
             self.authenticated
@@ -128,7 +159,7 @@ class ClientSession:
             and not self.holds_client_state()
         )
 
-    def on_close(self, cleanup: Callable[[], Any]) -> None:
+    def on_close(self, cleanup: Callable[[], object]) -> None:
         """Run C{cleanup} once when the connection goes (now, if gone)."""
         if self.closed:
             _run_cleanup(self, cleanup)
@@ -136,13 +167,19 @@ class ClientSession:
             self._cleanups.append(cleanup)
 
     def run_cleanups(self) -> None:
-        """Called once by the state on disconnect."""
+        """Called once by the state on disconnect: cleanups, then features, newest first."""
         cleanups, self._cleanups = self._cleanups, []
         for cleanup in reversed(cleanups):
             _run_cleanup(self, cleanup)
+        for feature in reversed(list(self._features.values())):
+            _close_feature(self, feature)
 
 
-def _run_cleanup(session: ClientSession, cleanup: Callable[[], Any]) -> None:
+def _close_feature(session: ClientSession, feature: object) -> None:
+    _run_cleanup(session, ISessionFeature(feature).close)
+
+
+def _run_cleanup(session: ClientSession, cleanup: Callable[[], object]) -> None:
     try:
         cleanup()
     except Exception:

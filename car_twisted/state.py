@@ -44,7 +44,7 @@ def _builtin_providers(state: "ServerState") -> Iterable[Any]:
     from car_twisted.methods.runs import RunMethods
     from car_twisted.methods.server import ServerMethods
     from car_twisted.methods.session import SessionMethods
-    from car_twisted.methods.state import StateMethods
+    from car_twisted.methods.keyvalue import KeyValueMethods
     from car_twisted.methods.tools import ToolMethods
 
     return (
@@ -52,7 +52,7 @@ def _builtin_providers(state: "ServerState") -> Iterable[Any]:
         ServerMethods(state),
         ToolMethods(state),
         PolicyMethods(state),
-        StateMethods(state),
+        KeyValueMethods(state),
         ProposalMethods(state),
         AgentMethods(state),
         RunMethods(state),
@@ -150,13 +150,6 @@ class ServerState:
 
     # -- sessions ----------------------------------------------------------
 
-    def new_runtime(self) -> Any:
-        """A connection's tools, policies and state, on its own byte budget."""
-        from car_twisted.runtime import SessionRuntime
-
-        budget = ByteBudget("connection state", self.config.max_state_bytes, parent=self.state_budget)
-        return SessionRuntime(budget)
-
     def open_session(self, sink: IWsSink) -> ClientSession:
         """
         A session for a new connection.  Its authentication deadline and
@@ -166,8 +159,9 @@ class ServerState:
         client_id = f"c{next(self._ids)}"
         channel = WsChannel(sink, self.clock)
         session = ClientSession(
-            client_id=client_id, channel=channel, state=self, last_active=self.clock.seconds()
+            client_id=client_id, channel=channel, state=self
         )
+        session.activity.last_active = self.clock.seconds()
         self.sessions[client_id] = session
         if not self.auth_enabled:
             # Auth off: every local caller is trusted as an operator.
@@ -219,10 +213,11 @@ class ServerState:
         now = self.clock.seconds()
         closed = 0
         for session in list(self.sessions.values()):
-            if session.active:
-                session.active = False
-                session.last_active = now
-            elif now - session.last_active >= limit and session.reapable():
+            activity = session.activity
+            if activity.active:
+                activity.active = False
+                activity.last_active = now
+            elif now - activity.last_active >= limit and session.reapable():
                 self._log.debug(
                     "closing idle client {client_id}", client_id=session.client_id
                 )

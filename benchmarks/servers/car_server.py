@@ -86,7 +86,7 @@ class SubStats:
     Counts, per run-trace subscription, whether its reader kept up: the
     daemon queues at most ``SUBSCRIBER_BACKLOG_BYTES`` of events for a connection whose
     output is backed up (Twisted's write buffer for it over its limit, the
-    producer paused: ``session.write_paused``) and drops the rest.  Taken when a
+    producer paused: ``session.channel.paused``) and drops the rest.  Taken when a
     subscribed connection closes (a wrapper around
     ``RunRegistry.session_closed``, one call per closed connection, off the
     record path) and, for the live ones, when ``bench.sub_stats`` is called.
@@ -135,7 +135,7 @@ class SubStats:
             # Output still backed up when the connection closes, although
             # the load generator closes it only after the run has ended (no
             # more events): the kernel buffers are full, nothing moves.
-            stuck = bool(session.write_paused)
+            stuck = bool(session.channel.paused)
             acc["stuck"] += stuck
             acc["busy_stuck"] += busy and stuck
 

@@ -11,7 +11,7 @@ from car_twisted.errors import InvalidParams
 from car_twisted.interfaces import IMethodProvider
 from car_twisted.proposal.rules import parse_policy
 from car_twisted.rpc.registry import MethodSpec
-from car_twisted.runtime import scope_label
+from car_twisted.runtime import runtime_of, scope_label
 from car_twisted.session import ClientSession
 
 __all__ = ["PolicyMethods"]
@@ -50,13 +50,13 @@ class PolicyMethods:
     def register(self, session: ClientSession, params: Any) -> dict[str, Any]:
         policy = parse_policy(params)
         session_id = _session_id(params)
-        session.runtime.add_policy(policy, session_id)
+        runtime_of(session).add_policy(policy, session_id)
         return {"name": policy.name, "registered": policy.name, "scope": scope_label(session_id)}
 
     def unregister(self, session: ClientSession, p: UnregisterParams) -> dict[str, Any]:
-        removed = session.runtime.remove_policies(p.name, p.session_id)
+        removed = runtime_of(session).remove_policies(p.name, p.session_id)
         return {"unregistered": p.name, "removed": removed, "scope": scope_label(p.session_id)}
 
     def list(self, session: ClientSession, p: ListParams) -> dict[str, Any]:
-        policies = [q.to_wire() for q in session.runtime.policy_list(p.session_id)]
+        policies = [q.to_wire() for q in runtime_of(session).policy_list(p.session_id)]
         return {"policies": policies, "scope": scope_label(p.session_id)}

@@ -21,6 +21,7 @@ from car_twisted.interfaces import IMethodProvider, IToolExecutor
 from car_twisted.proposal.engine import ProposalEngine
 from car_twisted.proposal.ir import DEFAULT_MAX_RETRIES, parse_proposal
 from car_twisted.rpc.registry import MethodSpec
+from car_twisted.runtime import runtime_of
 from car_twisted.session import ClientSession
 
 __all__ = ["ProposalMethods", "PROPOSAL_DEADLINE_GRACE_SECS"]
@@ -73,7 +74,7 @@ class ProposalMethods:
 
     def submit(self, session: ClientSession, p: SubmitParams) -> Any:
         proposal = parse_proposal(p.proposal)
-        runtime = session.runtime
+        runtime = runtime_of(session)
         if runtime.halted is not None:
             raise RpcError(
                 f"session halted: a terminal tool error in action '{runtime.halted['action_id']}' "
@@ -89,7 +90,7 @@ class ProposalMethods:
         engine = ProposalEngine(
             clock=self.state.clock,
             executor=session.component(IToolExecutor),
-            state=runtime.state.view(tenant or None),
+            state=runtime.keyvalue.view(tenant or None),
             tools=runtime.tools,
             policies=policies,
             session_id=p.session_id,

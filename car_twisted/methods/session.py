@@ -24,6 +24,7 @@ from car_twisted.methods.tools import tool_definitions
 from car_twisted.proposal.rules import parse_policy
 from car_twisted.rpc.params import parse_params
 from car_twisted.rpc.registry import MethodSpec
+from car_twisted.runtime import SessionRuntime, runtime_of
 from car_twisted.session import ROLE_HOST, ClientSession
 
 __all__ = ["SessionMethods", "AuthParams", "MAX_NAMESPACE_LEN"]
@@ -87,7 +88,7 @@ class SessionMethods:
             raise Forbidden("session.clear_halt needs the host role (session.auth with the host token)")
         cleared = []
         for other in self.state.sessions.values():
-            runtime = other._runtime
+            runtime = other.existing_feature(SessionRuntime)
             if runtime is None or runtime.halted is None:
                 continue
             if p.session_id in (None, other.client_id, runtime.session_id):
@@ -103,7 +104,7 @@ class SessionMethods:
                 policies.append(parse_policy(raw))
             except InvalidParams as e:
                 raise InvalidParams(f"policies[{i}].{e.field}", e.problem) from None
-        runtime = session.runtime
+        runtime = runtime_of(session)
         for schema in schemas:
             runtime.register_tool(schema)
         for policy in policies:
@@ -115,10 +116,10 @@ class SessionMethods:
         }
 
     def policy_open(self, session: ClientSession, params: Any) -> dict[str, Any]:
-        return {"session_id": session.runtime.open_policy_session()}
+        return {"session_id": runtime_of(session).open_policy_session()}
 
     def policy_close(self, session: ClientSession, p: "PolicySessionParams") -> dict[str, Any]:
-        return {"closed": session.runtime.close_policy_session(p.session_id)}
+        return {"closed": runtime_of(session).close_policy_session(p.session_id)}
 
     def auth(self, session: ClientSession, raw: Any) -> dict[str, Any]:
         try:

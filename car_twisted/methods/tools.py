@@ -20,7 +20,7 @@ from car_twisted.errors import InvalidParams
 from car_twisted.interfaces import IMethodProvider
 from car_twisted.proposal.ir import parse_tool_schema
 from car_twisted.rpc.registry import MethodSpec
-from car_twisted.runtime import MAX_TOOLS
+from car_twisted.runtime import MAX_TOOLS, runtime_of
 from car_twisted.session import ClientSession
 
 __all__ = ["ToolMethods", "tool_definitions"]
@@ -71,17 +71,17 @@ class ToolMethods:
 
     def register(self, session: ClientSession, params: Any) -> int:
         schemas = tool_definitions(params)
-        runtime = session.runtime
+        runtime = runtime_of(session)
         for schema in schemas:
             runtime.register_tool(schema)
         return len(schemas)
 
     def list(self, session: ClientSession, params: Any) -> dict[str, Any]:
-        tools = [t.to_wire() for t in session.runtime.list_tools()]
+        tools = [t.to_wire() for t in runtime_of(session).list_tools()]
         return {"tools": tools, "count": len(tools)}
 
     def unregister(self, session: ClientSession, p: NameParams) -> dict[str, Any]:
-        return {"unregistered": p.name, "removed": session.runtime.unregister_tool(p.name)}
+        return {"unregistered": p.name, "removed": runtime_of(session).unregister_tool(p.name)}
 
     def poll(self, session: ClientSession, p: HandleParams) -> None:
         # Handles only come from detached invocations, which this daemon's

@@ -31,6 +31,7 @@ from car_twisted.errors import (
     HandlerDeadlineExceeded,
     RpcError,
 )
+from car_twisted.interfaces import IBinaryReceiver
 from car_twisted.rpc.envelope import (
     MAX_METHOD_LEN,
     DecodeError,
@@ -134,8 +135,8 @@ class Dispatcher:
         if not session.authenticated:
             self._deny(session, None)
             return
-        handler = session.binary_handler
-        if handler is None:
+        receiver = session.component(IBinaryReceiver)
+        if receiver is None:
             session.channel.send(
                 encode_error(
                     None,
@@ -146,10 +147,10 @@ class Dispatcher:
             )
             return
         try:
-            handler(session, payload)
+            receiver.receive(payload)
         except Exception:
             self._log.failure(
-                "binary frame handler failed for client {client_id}",
+                "binary frame receiver failed for client {client_id}",
                 client_id=session.client_id,
             )
 

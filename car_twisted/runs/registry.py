@@ -21,9 +21,11 @@ from typing import Any
 import orjson
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from car_twisted._util import iso_utc
 from car_twisted.errors import InvalidParams, RpcError
+from car_twisted.interfaces import ISessionFeature
 from car_twisted.rpc.envelope import encode_notification
 from car_twisted.runs.model import (
     MAX_TURNS_PER_BATCH,
@@ -40,7 +42,7 @@ from car_twisted.runs.model import (
 )
 from car_twisted.runs.retention import RunLimits, StoreRetention, limit_error
 
-__all__ = ["RunRegistry", "MAX_PAGE_BYTES", "SUBSCRIBER_BACKLOG_BYTES"]
+__all__ = ["RunRegistry", "RunConnection", "MAX_PAGE_BYTES", "SUBSCRIBER_BACKLOG_BYTES"]
 
 MAX_PAGE_BYTES = 8 * 1024 * 1024
 # Events held for one subscriber while its socket is backed up: enough for
@@ -69,7 +71,7 @@ class _Subscriber:
     def push(self, frame: bytes) -> None:
         # Never wait for a slow reader: queue while its output is backed
         # up, drop (the client sees a cursor gap) once the backlog is full.
-        if self.session.write_paused or self.backlog:
+        if self.session.channel.paused or self.backlog:
             if self.backlog_bytes + len(frame) > SUBSCRIBER_BACKLOG_BYTES:
                 self.dropped += 1
                 return
@@ -79,10 +81,30 @@ class _Subscriber:
         self.session.channel.send(frame)
 
     def drain(self) -> None:
-        while self.backlog and not self.session.write_paused:
+        while self.backlog and not self.session.channel.paused:
             frame = self.backlog.popleft()
             self.backlog_bytes -= len(frame)
             self.session.channel.send(frame)
+
+
+@implementer(ISessionFeature)
+class RunConnection:
+    """
+    One connection's part in run tracing: its current run (the one its
+    proposals are recorded into).  Open runs and subscriptions pin the
+    connection themselves; closing it starts the runs' grace windows.
+    """
+
+    def __init__(self, registry: "RunRegistry", session: Any) -> None:
+        self.registry = registry
+        self.session = session
+        self.current_run: str | None = None
+
+    def holds_client_state(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        self.registry.session_closed(self.session)
 
 
 class RunRegistry:
@@ -109,11 +131,13 @@ class RunRegistry:
         """Reads: the owning agent's own connection or the host role."""
         return session.is_host or session.agent_id == agent_id
 
-    def _hook(self, session: Any) -> None:
-        if not getattr(session, "_runs_hooked", False):
-            session._runs_hooked = True
-            session.on_close(lambda: self.session_closed(session))
-            session.resume_hooks.append(lambda: self._drain(session))
+    def connection(self, session: Any) -> "RunConnection":
+        """C{session}'s part in run tracing, made on first use."""
+        return session.feature(RunConnection, self._new_connection)
+
+    def _new_connection(self, session: Any) -> "RunConnection":
+        session.channel.on_resume(lambda: self._drain(session))
+        return RunConnection(self, session)
 
     def _drain(self, session: Any) -> None:
         for subs in self._subscribers.values():
@@ -189,7 +213,7 @@ class RunRegistry:
         self._open_by_agent[meta.agent_id] += 1
         self._open_by_client[session.client_id] += 1
         # An open run keeps its connection from being reaped as idle.
-        session.pin()
+        session.activity.pin()
         meta.pinned = True
         self.retention.started(meta.agent_id, meta.run_id)
 
@@ -203,7 +227,7 @@ class RunRegistry:
     @staticmethod
     def _unpin(meta: RunMeta) -> None:
         if meta.pinned and meta.owner is not None:
-            meta.owner.unpin()
+            meta.owner.activity.unpin()
         meta.pinned = False
 
     # -- runs.start ------------------------------------------------------------------------
@@ -218,7 +242,7 @@ class RunRegistry:
             existing = await self._existing(key, agent_id)
             if existing is not None:
                 # A re-start of the same run: no new run, nothing counted.
-                session.current_run = key
+                self.connection(session).current_run = key
                 return {"run_id": key, "agent_id": agent_id}
         # No await from here to _opened: the caps and the quota are checked
         # and the run counted in one step.
@@ -237,9 +261,9 @@ class RunRegistry:
         # Counted before the close hook: a connection already gone gets its
         # pin and slot released by it at once.
         self._opened(meta, session)
-        self._hook(session)
+        conn = self.connection(session)
         # Set before the ack: a proposal sent right after it is this run's.
-        session.current_run = run_id
+        conn.current_run = run_id
         try:
             await self._persist(meta, [meta.started_record()])
         except Exception:
@@ -250,8 +274,8 @@ class RunRegistry:
             meta.ended_at = iso_utc(self.clock.seconds())
             self._closed(meta)
             self.retention.ended(meta.agent_id, meta.run_id)
-            if session.current_run == run_id:
-                session.current_run = None
+            if conn.current_run == run_id:
+                conn.current_run = None
             raise RpcError(f"run {run_id}: could not be stored") from None
         self._fan_out(meta, meta.started_record(), 0)
         self._log.info("run {run_id} started for agent {agent_id}", run_id=run_id, agent_id=agent_id)
@@ -354,7 +378,8 @@ class RunRegistry:
         append path (ownership, bounds, ceiling) as ``runs.record_turns``.
         A session without a current run it owns records nothing.
         """
-        run_id = session.current_run
+        conn = session.existing_feature(RunConnection)
+        run_id = conn.current_run if conn is not None else None
         if run_id is None:
             return
         actions = {a.id: a for a in proposal.actions}
@@ -475,7 +500,7 @@ class RunRegistry:
         subs = sum(1 for s in self._subscribers.values() if session.client_id in s)
         if subs >= MAX_SUBSCRIPTIONS_PER_SESSION:
             raise RpcError(f"too many run subscriptions on this connection (at most {MAX_SUBSCRIPTIONS_PER_SESSION})")
-        self._hook(session)
+        self.connection(session)
         records = await self.store.read(agent_id, run_id) or []
         # No await between the read above and the registration below, and
         # the store ran the read after every earlier append: the snapshot
@@ -485,7 +510,7 @@ class RunRegistry:
         if meta is not None and not meta.terminal and not session.closed:
             subs = self._subscribers.setdefault(run_id, {})
             if session.client_id not in subs:
-                session.pin()  # a live subscription keeps an idle connection open
+                session.activity.pin()  # a live subscription keeps an idle connection open
             # A re-subscribe (after a gap) starts a fresh backlog.
             subs[session.client_id] = _Subscriber(session, run_id)
         turns = [r for r in records if r.get("record") == "turn"]
@@ -501,7 +526,7 @@ class RunRegistry:
         subs = self._subscribers.get(run_id, {})
         removed = subs.pop(session.client_id, None) is not None
         if removed:
-            session.unpin()
+            session.activity.unpin()
             if not subs:
                 del self._subscribers[run_id]
         return {"run_id": run_id, "removed": removed}

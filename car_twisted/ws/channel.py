@@ -12,7 +12,7 @@ entry leaves the table exactly once, with its timer cancelled.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import attrs
 from twisted.internet.defer import Deferred, fail
@@ -47,6 +47,27 @@ class WsChannel:
         self._pending: dict[str, _Pending] = {}
         self._counter = 0
         self._closed = False
+        # Output back-pressure: True while the transport's buffer is full;
+        # the resume hooks run when it drains (run-trace subscribers flush).
+        self.paused = False
+        self._resume_hooks: list[Callable[[], object]] = []
+
+    def pause(self) -> None:
+        """The client stopped reading: our output is backing up."""
+        self.paused = True
+
+    def resume(self) -> None:
+        """Our output drained: run every resume hook."""
+        self.paused = False
+        for hook in list(self._resume_hooks):
+            try:
+                hook()
+            except Exception:
+                self._log.failure("resume hook failed")
+
+    def on_resume(self, hook: Callable[[], object]) -> None:
+        """Call C{hook} each time our output drains after a pause."""
+        self._resume_hooks.append(hook)
 
     @property
     def closed(self) -> bool:

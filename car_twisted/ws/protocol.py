@@ -104,7 +104,7 @@ class _ReadThrottle:
     def pauseProducing(self) -> None:
         session = self.protocol.session
         if session is not None:
-            session.write_paused = True
+            session.channel.pause()
         self.protocol._output_paused()
         self.protocol.transport.pauseProducing()
         if self._timer is None:
@@ -115,13 +115,8 @@ class _ReadThrottle:
         self.protocol.transport.resumeProducing()
         session = self.protocol.session
         if session is not None:
-            session.write_paused = False
             self.protocol._output_resumed()
-            for hook in list(session.resume_hooks):
-                try:
-                    hook()
-                except Exception:
-                    self.protocol._log.failure("resume hook failed")
+            session.channel.resume()
             self.protocol._release_held()
 
     def stopProducing(self) -> None:
@@ -245,9 +240,9 @@ class CarServerProtocol(WebSocketServerProtocol):
         session = self.session
         if self.failedByMe or session is None:
             return
-        session.active = True
+        session.activity.active = True
         payload = data[0] if len(data) == 1 else b"".join(data)
-        if self._held is not None or session.write_paused:
+        if self._held is not None or session.channel.paused:
             # Our output to this client is backed up: read no further
             # requests from it until it drains (their replies would only
             # pile up in memory).
@@ -275,7 +270,7 @@ class CarServerProtocol(WebSocketServerProtocol):
     def _release_held(self) -> None:
         """Our output drained: dispatch what was read meanwhile, in order."""
         held, session = self._held, self.session
-        while held and not session.write_paused and self.state == _OPEN:
+        while held and not session.channel.paused and self.state == _OPEN:
             binary, payload = held.popleft()
             self._dispatch(binary, payload)
         if not held:

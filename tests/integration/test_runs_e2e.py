@@ -126,11 +126,11 @@ async def test_subscriber_that_never_reads_does_not_hold_up_the_recorder(reactor
         for k in range(60):
             reply = await agent.result("runs.record_turns", {"run_id": run_id, "turns": big})
             assert reply["ok"]
-        assert lazy_session.write_paused, "the lazy subscriber's output should have backed up"
+        assert lazy_session.channel.paused, "the lazy subscriber's output should have backed up"
         sub = server.state.runs._subscribers[run_id][lazy_session.client_id]
         assert sub.dropped > 0 and sub.backlog_bytes <= SUBSCRIBER_BACKLOG_BYTES
         lazy.protocol.transport.resumeProducing()
-        await until(reactor, lambda: not sub.backlog and not lazy_session.write_paused, "the backlog to drain")
+        await until(reactor, lambda: not sub.backlog and not lazy_session.channel.paused, "the backlog to drain")
         # Not stalled: the next turn reaches it live.
         await agent.result("runs.record_turns", {"run_id": run_id, "turns": batch(1, "after")})
         await until(reactor, lambda: lazy.notifications and lazy.notifications[-1]["params"]["cursor"] == 1201,

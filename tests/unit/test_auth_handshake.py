@@ -296,16 +296,16 @@ def test_idle_sessions_are_reaped(tmp_path, clock):
     for c in (quiet, chatty, pinned, waiting):
         c.call("session.auth", {"token": TOKEN}, 0)
     agent.call("session.auth", {"agent_id": "agent-7", "token": "agtok-7"}, 0)
-    pinned.session.pin()
+    pinned.session.activity.pin()
     waiting.session.channel.request("tools.execute", {}, timeout=None)
     for _ in range(5):
         clock.advance(30)
-        chatty.session.active = True  # what the protocol does on every frame
+        chatty.session.activity.active = True  # what the protocol does on every frame
         state.reap_idle()
     assert quiet.sink.closed_with == (1000, "idle timeout")
     for c in (chatty, pinned, waiting, agent):
         assert c.sink.closed_with is None
-    pinned.session.unpin()
+    pinned.session.activity.unpin()
     clock.advance(200)
     state.reap_idle()
     state.reap_idle()

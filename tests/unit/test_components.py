@@ -7,7 +7,7 @@ from zope.interface import Interface, implementer
 from zope.interface.verify import verifyClass, verifyObject
 
 from car_twisted import AdapterRegistration, MethodSpec, StaticMethods
-from car_twisted.interfaces import IClientSession, IMethodProvider, IWsSink
+from car_twisted.interfaces import IClientSession, IMethodProvider, ISessionFeature, IWsSink
 from car_twisted.methods.server import ServerMethods
 from car_twisted.methods.session import SessionMethods
 from car_twisted.ws.protocol import CarServerProtocol
@@ -103,3 +103,59 @@ def test_close_session_runs_cleanups_once(tmp_path):
     assert session.client_id not in state.sessions
     session.on_close(lambda: calls.append("late"))
     assert calls[-1] == "late"
+
+
+# -- per-connection features ------------------------------------------------------
+
+
+def test_session_features_provide_the_interface(tmp_path):
+    from car_twisted.runs.registry import RunConnection
+    from car_twisted.runtime import runtime_of
+
+    state = make_state(tmp_path, Clock())
+    session = state.open_session(FakeSink())
+    verifyObject(ISessionFeature, runtime_of(session))
+    verifyObject(ISessionFeature, state.runs.connection(session))
+    assert isinstance(state.runs.connection(session), RunConnection)
+
+
+@implementer(ISessionFeature)
+class Notes:
+    """A feature as a new namespace would add one: no field on the session."""
+
+    def __init__(self, session):
+        self.session = session
+        self.notes = []
+        self.closed = False
+
+    def holds_client_state(self):
+        return bool(self.notes)
+
+    def close(self):
+        self.closed = True
+
+
+def test_a_feature_is_made_once_kept_and_closed_with_the_connection(tmp_path):
+    state = make_state(tmp_path, Clock())
+    session = state.open_session(FakeSink())
+    assert session.existing_feature(Notes) is None
+    notes = session.feature(Notes, Notes)
+    assert session.feature(Notes, Notes) is notes and session.existing_feature(Notes) is notes
+    assert not session.holds_client_state()
+    notes.notes.append("kept")
+    assert session.holds_client_state()  # so the idle sweep leaves it alone
+    state.close_session(session)
+    assert notes.closed
+
+
+def test_a_feature_made_after_close_is_closed_at_once(tmp_path):
+    state = make_state(tmp_path, Clock())
+    session = state.open_session(FakeSink())
+    state.close_session(session)
+    assert session.feature(Notes, Notes).closed
+
+
+def test_a_feature_must_provide_the_interface(tmp_path):
+    session = make_state(tmp_path, Clock()).open_session(FakeSink())
+    with pytest.raises(TypeError, match="ISessionFeature"):
+        session.feature(object, lambda s: object())

@@ -7,8 +7,12 @@ import pytest
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
 
+from car_twisted.config import AdapterRegistration
 from car_twisted.errors import RpcError
+from car_twisted.interfaces import IBinaryReceiver, IClientSession
 from car_twisted.rpc.dispatch import Dispatcher
 from support import TOKEN, FakeSink, make_state, request
 
@@ -278,14 +282,28 @@ def test_response_too_large(tmp_path):
 
 
 def test_binary_frame_without_stream(h):
-    """A binary frame with no open stream gets a clear error, no crash."""
+    """A binary frame with no receiver gets a clear error, no crash."""
     h.dispatcher.dispatch_binary(h.session, b"\x01\x02")
     (reply,) = h.replies()
     assert reply["id"] is None and "binary frame refused" in reply["error"]["message"]
-    got = []
-    h.session.binary_handler = lambda s, data: got.append(data)
+
+
+@implementer(IBinaryReceiver)
+class Recorder:
+    def __init__(self, session):
+        self.got = []
+
+    def receive(self, payload):
+        self.got.append(payload)
+
+
+def test_binary_frames_reach_the_sessions_receiver(tmp_path):
+    """A receiver adapted from the session (the daemon's registry) gets each binary message."""
+    h = Harness(tmp_path, adapters=[AdapterRegistration(IClientSession, IBinaryReceiver, Recorder)])
+    verifyObject(IBinaryReceiver, Recorder(None))
     h.dispatcher.dispatch_binary(h.session, b"\x03")
-    assert got == [b"\x03"]
+    h.dispatcher.dispatch_binary(h.session, b"\x04")
+    assert h.session.component(IBinaryReceiver).got == [b"\x03", b"\x04"] and h.replies() == []
 
 
 def test_unserializable_result_is_internal_error(h):

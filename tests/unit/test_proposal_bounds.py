@@ -15,7 +15,7 @@ from car_twisted.proposal import rules
 from car_twisted.proposal.engine import MAX_DEPENDENCY_EDGES, MAX_POLICY_SCAN_CHARS, ProposalEngine
 from car_twisted.proposal.ir import ToolError, ToolSchema, parse_proposal
 from car_twisted.proposal.rules import parse_policy
-from car_twisted.runtime import StateStore
+from car_twisted.runtime import KeyValueStore
 from car_twisted.testing import FakeToolExecutor
 from support import TOKEN, DispatchConn, make_state
 
@@ -30,7 +30,7 @@ def reverse_chain(n):
 
 
 def engine_for(executor, policies=(), clock=None, **kw):
-    view = StateStore().view(None)
+    view = KeyValueStore().view(None)
     schemas = {name: ToolSchema(name) for name in executor.tools}
     return ProposalEngine(clock or Clock(), executor, view, schemas, [parse_policy(p) for p in policies], **kw)
 

@@ -6,7 +6,7 @@ from twisted.internet.task import Clock
 from car_twisted.proposal.engine import ProposalEngine, holds
 from car_twisted.proposal.ir import Precondition, ToolError, ToolSchema, parse_proposal
 from car_twisted.proposal.rules import parse_policy
-from car_twisted.runtime import StateStore
+from car_twisted.runtime import KeyValueStore
 from car_twisted.testing import FakeToolExecutor
 
 
@@ -14,7 +14,7 @@ class Rig:
     def __init__(self, tools=None, policies=(), state=None):
         self.clock = Clock()
         self.executor = FakeToolExecutor(tools or {"echo": lambda c: {"echo": c.parameters}})
-        self.store = StateStore()
+        self.store = KeyValueStore()
         self.view = self.store.view(None)
         for k, v in (state or {}).items():
             self.view.set(k, v)

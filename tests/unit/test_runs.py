@@ -77,7 +77,7 @@ def test_start_record_complete_round_trip(state, tmp_path):
     agent = Conn(state, "ag-1")
     started = agent.result("runs.start", {"intent": "deploy", "agent_name": "Deployer"})
     run_id = started["run_id"]
-    assert started["agent_id"] == "ag-1" and agent.session.current_run == run_id
+    assert started["agent_id"] == "ag-1" and agent.state.runs.connection(agent.session).current_run == run_id
     first = agent.result("runs.record_turns", {"run_id": run_id, "turns": turns(2)})
     assert first == {"run_id": run_id, "base_index": 0, "count": 2, "ok": True}
     second = agent.result("runs.record_turns", {"run_id": run_id, "turns": [{"index": 77, "prompt": "x"}]})
@@ -252,7 +252,7 @@ def test_subscribe_snapshot_then_stream(state):
     owner.result("runs.record_turns", {"run_id": run_id, "turns": turns(3)})
     snap = host.result("runs.subscribe", {"run_id": run_id})
     assert snap["cursor"] == 3 and [t["index"] for t in snap["turns_so_far"]] == [0, 1, 2]
-    assert snap["status"] == "in_progress" and host.session.pins == 1
+    assert snap["status"] == "in_progress" and host.session.activity.pins == 1
     owner.result("runs.record_turns", {"run_id": run_id, "turns": turns(2)})
     owner.result("runs.complete", {"run_id": run_id, "outcome": {}})
     events = host.events()
@@ -261,23 +261,21 @@ def test_subscribe_snapshot_then_stream(state):
     assert events[-1]["status"] == "completed"
     assert host.result("runs.unsubscribe", {"run_id": run_id}) == {"run_id": run_id, "removed": True}
     assert host.result("runs.unsubscribe", {"run_id": run_id})["removed"] is False
-    assert host.session.pins == 0
+    assert host.session.activity.pins == 0
 
 
 def test_stalled_subscriber_drops_not_stalls(state):
     owner, host = Conn(state, "ag-1"), Conn(state, host=True)
     run_id = owner.result("runs.start", {"intent": "x"})["run_id"]
     host.result("runs.subscribe", {"run_id": run_id})
-    host.session.write_paused = True  # its transport buffer is full
+    host.session.channel.pause()  # its transport buffer is full
     big = [{"prompt": "p", "output": "o" * 15_000}]
     for _ in range(200):
         assert owner.result("runs.record_turns", {"run_id": run_id, "turns": big})["ok"]
     assert host.events() == []
     sub = state.runs._subscribers[run_id][host.session.client_id]
     assert sub.backlog_bytes <= SUBSCRIBER_BACKLOG_BYTES and sub.dropped == 200 - len(sub.backlog)
-    host.session.write_paused = False
-    for hook in host.session.resume_hooks:
-        hook()
+    host.session.channel.resume()
     cursors = [e["cursor"] for e in host.events()]
     assert 100 < len(cursors) < 200
     assert cursors == list(range(1, len(cursors) + 1))  # the backlog, then a gap the client detects
@@ -290,11 +288,9 @@ def test_a_reader_that_keeps_up_gets_a_whole_batch(state):
     owner, host = Conn(state, "ag-1"), Conn(state, host=True)
     run_id = owner.result("runs.start", {"intent": "x"})["run_id"]
     host.result("runs.subscribe", {"run_id": run_id})
-    host.session.write_paused = True  # the first frames filled the socket buffer
+    host.session.channel.pause()  # the first frames filled the socket buffer
     owner.result("runs.record_turns", {"run_id": run_id, "turns": [{"output": "o" * 2000}] * 256})
-    host.session.write_paused = False
-    for hook in host.session.resume_hooks:
-        hook()
+    host.session.channel.resume()
     assert [e["cursor"] for e in host.events()] == list(range(1, 257))
 
 
@@ -347,6 +343,6 @@ def test_proposals_are_recorded_into_the_current_run(state, tmp_path):
     plain = Conn(state)
     plain.result("tools.register", [{"name": "echo"}])
     plain.session._components[IToolExecutor] = FakeToolExecutor({"echo": lambda c: 1})
-    plain.session.current_run = run_id
+    plain.state.runs.connection(plain.session).current_run = run_id
     plain.result("proposal.submit", {"proposal": {"actions": [{"id": "b", "type": "tool_call", "tool": "echo"}]}})
     assert state.runs.runs[run_id].turn_count == 2

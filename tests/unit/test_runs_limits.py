@@ -129,17 +129,17 @@ def test_an_open_run_pins_its_connection(tmp_path, clock):
     conn = Conn(state)
     assert conn.session.reapable()
     run_id = start(conn, clock, agent_name="worker")
-    assert conn.session.pins == 1 and not conn.session.reapable()
+    assert conn.session.activity.pins == 1 and not conn.session.reapable()
     conn.result("runs.complete", {"run_id": run_id, "outcome": {}})
-    assert conn.session.pins == 0 and conn.session.reapable()
+    assert conn.session.activity.pins == 0 and conn.session.reapable()
     # A run still open when its connection closes lets go of it then.
     start(conn, clock, agent_name="worker")
     start(conn, clock, agent_name="worker")
-    assert conn.session.pins == 2
+    assert conn.session.activity.pins == 2
     conn.close()
-    assert conn.session.pins == 0
+    assert conn.session.activity.pins == 0
     clock.advance(5)
-    assert conn.session.pins == 0
+    assert conn.session.activity.pins == 0
 
 
 # -- retention ---------------------------------------------------------------------------------

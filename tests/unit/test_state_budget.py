@@ -4,6 +4,7 @@ import pytest
 from twisted.internet.task import Clock
 
 from car_twisted.budget import BudgetExceeded, ByteBudget
+from car_twisted.runtime import runtime_of
 from support import TOKEN, DispatchConn, make_state
 
 KIB = 1024
@@ -68,7 +69,7 @@ def test_values_are_stored_encoded(state):
     c.call("state.set", {"key": "v", "value": value})
     assert c.call("state.get", {"key": "v"})["result"] == value
     assert c.call("state.snapshot", {})["result"] == {"v": value}
-    view = c.session.runtime.state.view(None)
+    view = runtime_of(c.session).keyvalue.view(None)
     assert view.get_encoded("v") == b'{"n":[1,2.5,null,true],"s":"\xc3\xa9\xe2\x80\xa8","deep":{"a":{"b":[]}}}'
     assert view["v"] == value and view.get("missing", 7) == 7
 

@@ -164,12 +164,12 @@ def test_retry_attempts_counted_on_the_wire(tmp_path, attempts):
     """The engine retries through the executor; the wire shows attempt 1, 2, 3."""
     from car_twisted.proposal.engine import ProposalEngine
     from car_twisted.proposal.ir import ToolSchema, parse_proposal
-    from car_twisted.runtime import StateStore
+    from car_twisted.runtime import KeyValueStore
 
     clock = Clock()
     sink = MemorySink()
     channel = WsChannel(sink, clock)
-    engine = ProposalEngine(clock, WsToolExecutor(channel, clock), StateStore().view(None), {"flaky": ToolSchema("flaky")}, [])
+    engine = ProposalEngine(clock, WsToolExecutor(channel, clock), KeyValueStore().view(None), {"flaky": ToolSchema("flaky")}, [])
     proposal = parse_proposal(
         {"actions": [{"id": "a1", "type": "tool_call", "tool": "flaky", "failure_behavior": "retry", "max_retries": attempts - 1}]}
     )

@@ -17,9 +17,10 @@ from zope.interface import implementer
 
 from car_twisted.interfaces import IMethodProvider
 from car_twisted.rpc.registry import MethodSpec
+from car_twisted.runtime import runtime_of
 from car_twisted.session import ClientSession
 
-__all__ = ["StateMethods"]
+__all__ = ["KeyValueMethods"]
 
 _KEY = {"max_len": 1024}
 _TENANT = {"max_len": 256}
@@ -44,7 +45,7 @@ class TenantParams:
 
 
 @implementer(IMethodProvider)
-class StateMethods:
+class KeyValueMethods:
     def __init__(self, state: Any) -> None:
         self.state = state
 
@@ -59,7 +60,7 @@ class StateMethods:
 
     @staticmethod
     def _view(session: ClientSession, tenant_id: str | None) -> Any:
-        return session.runtime.state.view(tenant_id or None)
+        return runtime_of(session).keyvalue.view(tenant_id or None)
 
     def get(self, session: ClientSession, p: KeyParams) -> Any:
         encoded = self._view(session, p.tenant_id).get_encoded(p.key)
