@@ -15,7 +15,7 @@ from typing import Any, Iterable
 from zope.interface.adapter import AdapterRegistry
 
 from car_twisted.interfaces import IClientSession, IToolExecutor, IWsSink
-from car_twisted.sinks import session_tool_executor
+from car_twisted.ws.tool_executor import session_tool_executor
 
 __all__ = ["default_registry", "session_sink"]
 

@@ -14,9 +14,11 @@ import attrs
 from zope.interface import Interface
 from zope.interface.verify import verifyObject
 
+from car_twisted.agents.manifest import DEFAULT_STOP_GRACE_SECS
 from car_twisted.interfaces import IAgentIdentities, IMethodProvider, IRunStore
 from car_twisted.paths import CarPaths, ConfigError
 from car_twisted.rpc.registry import MethodSpec
+from car_twisted.runs.model import RUN_COMPLETE_GRACE
 
 __all__ = [
     "ServerStateConfig",
@@ -229,8 +231,8 @@ class ServerStateConfig:
     write_stall_timeout: float = 60.0
     idle_timeout: float = 300.0
     tool_timeout_ms: int = DEFAULT_TOOL_TIMEOUT_MS
-    agent_stop_grace: float = 10.0
-    run_complete_grace: float = 2.0
+    agent_stop_grace: float = DEFAULT_STOP_GRACE_SECS
+    run_complete_grace: float = RUN_COMPLETE_GRACE
     run_store_fsync: bool = False
     run_store: Any = attrs.field(default=None, validator=_provides(IRunStore))
     allowed_origins: tuple[str, ...] = attrs.field(default=(), converter=tuple)

@@ -20,17 +20,14 @@ __all__ = [
     "INVALID_PARAMS",
     "INTERNAL_ERROR",
     "AUTH_REQUIRED",
-    "APPROVAL_DENIED",
     "HANDLER_DEADLINE",
     "HANDSHAKE_REQUIRED",
     "PROTOCOL_MISMATCH",
     "RpcError",
     "InvalidParams",
     "Forbidden",
-    "MethodNotFound",
     "AuthFailed",
     "AgentAlreadyAttached",
-    "HandshakeRequired",
     "ProtocolMismatch",
     "HandlerDeadlineExceeded",
     "ChannelClosed",
@@ -45,7 +42,6 @@ METHOD_NOT_FOUND = -32601
 INVALID_PARAMS = -32602
 INTERNAL_ERROR = -32603
 AUTH_REQUIRED = -32001
-APPROVAL_DENIED = -32003
 HANDLER_DEADLINE = -32004
 HANDSHAKE_REQUIRED = -32005
 PROTOCOL_MISMATCH = -32006
@@ -101,10 +97,6 @@ class InvalidParams(RpcError):
         self.problem = problem
 
 
-class MethodNotFound(RpcError):
-    code = METHOD_NOT_FOUND
-
-
 class AuthFailed(RpcError):
     """A failed ``session.auth``: generic ``-32603`` as the client expects."""
 
@@ -117,10 +109,6 @@ class AuthFailed(RpcError):
 class AgentAlreadyAttached(AuthFailed):
     def __init__(self, agent_id: str):
         super().__init__(f"agent '{agent_id}' is already attached on another connection")
-
-
-class HandshakeRequired(RpcError):
-    code = HANDSHAKE_REQUIRED
 
 
 class ProtocolMismatch(RpcError):

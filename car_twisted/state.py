@@ -16,8 +16,6 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import Interface
 
-from car_twisted._version import SUPPORTED_PROTOCOL_VERSIONS
-from car_twisted._version import __version__
 from car_twisted.adapters import default_registry
 from car_twisted.agents.supervisor import Supervisor
 from car_twisted.runs.registry import RunRegistry
@@ -30,9 +28,8 @@ from car_twisted.rpc.registry import MethodRegistry, MethodSpec
 from car_twisted.session import ClientSession
 from car_twisted.ws.channel import WsChannel
 
-__all__ = ["ServerState", "SUPPORTED_PROTOCOL_VERSIONS", "SERVER_VERSION"]
+__all__ = ["ServerState"]
 
-SERVER_VERSION = __version__
 
 
 def _builtin_providers(state: "ServerState") -> Iterable[Any]:

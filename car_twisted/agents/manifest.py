@@ -40,10 +40,13 @@ __all__ = [
     "load_manifest",
     "save_manifest",
     "RESTART_POLICIES",
+    "DEFAULT_STOP_GRACE_SECS",
     "MAX_AGENTS",
 ]
 
 RESTART_POLICIES = ("never", "on_failure", "always")
+# Seconds from SIGTERM to SIGKILL when an agent is stopped.
+DEFAULT_STOP_GRACE_SECS = 10.0
 MAX_AGENTS = 256
 _ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _RESERVED_ENV = ("CAR_AGENT_ID", "CAR_AGENT_TOKEN", "CAR_DAEMON_URL", "CAR_AUTH_TOKEN")

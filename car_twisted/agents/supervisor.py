@@ -28,6 +28,7 @@ from zope.interface import implementer
 from car_twisted._util import iso_utc, off_reactor
 from car_twisted.agents.logs import DEFAULT_MAX_LOG_BYTES, AgentLog, tail_streams
 from car_twisted.agents.manifest import (
+    DEFAULT_STOP_GRACE_SECS,
     MAX_AGENTS,
     AgentSpec,
     ManifestEntry,
@@ -43,10 +44,9 @@ from car_twisted.errors import AgentAlreadyAttached, InvalidParams, RpcError
 from car_twisted.interfaces import IAgentIdentities
 from car_twisted.private_files import UnsafeStateError, ensure_private_dir, open_private, read_private
 
-__all__ = ["Supervisor", "STATUSES", "DEFAULT_STOP_GRACE_SECS"]
+__all__ = ["Supervisor", "STATUSES"]
 
 STATUSES = ("stopped", "starting", "running", "backoff", "errored")
-DEFAULT_STOP_GRACE_SECS = 10.0
 MAX_BACKOFF_SECS = 300.0
 # A run this long counts as healthy: the next failure backs off from scratch.
 STABLE_RUN_SECS = 30.0

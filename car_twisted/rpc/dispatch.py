@@ -42,7 +42,7 @@ from car_twisted.rpc.envelope import (
     valid_id,
 )
 from car_twisted.rpc.params import parse_params
-from car_twisted.rpc.scope import handshake_gated, out_of_scope_reason
+from car_twisted.rpc.scope import out_of_scope_reason
 
 __all__ = ["Dispatcher", "error_for"]
 
@@ -205,7 +205,7 @@ class Dispatcher:
             self._deny(session, rid)
             return None
         if session.protocol_version is None and (
-            handshake_gated(method) or (spec is not None and spec.requires_handshake)
+            spec is not None and spec.requires_handshake
         ):
             return None if notification else encode_error(
                 rid,

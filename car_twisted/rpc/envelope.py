@@ -10,7 +10,7 @@ is answered with the same integer.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Union
 
 import attrs
 import orjson
@@ -18,6 +18,7 @@ import orjson
 from car_twisted.errors import INTERNAL_ERROR
 
 __all__ = [
+    "JsonValue",
     "MAX_ID_LEN",
     "MAX_METHOD_LEN",
     "DecodeError",
@@ -30,6 +31,9 @@ __all__ = [
     "encode_request",
     "nested_deeper_than",
 ]
+
+#: A JSON value as orjson decodes it (and as replies may carry it).
+JsonValue = Union[None, bool, int, float, str, list["JsonValue"], dict[str, "JsonValue"]]
 
 MAX_ID_LEN = 256
 MAX_METHOD_LEN = 256

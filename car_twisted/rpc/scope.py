@@ -9,7 +9,7 @@ method is simply "method not found".
 
 from __future__ import annotations
 
-__all__ = ["out_of_scope_reason", "HANDSHAKE_GATED_PREFIXES", "HANDSHAKE_GATED_METHODS"]
+__all__ = ["out_of_scope_reason"]
 
 _INFERENCE = "model inference is out of this daemon's scope"
 _OS = "OS integrations are out of this daemon's scope"
@@ -59,11 +59,6 @@ _PREFIXES = (
     ("mcp.", "the MCP endpoint is out of this daemon's scope"),
 )
 
-# Methods refused with -32005 until the connection has negotiated.
-HANDSHAKE_GATED_METHODS = frozenset({"host.subscribe"})
-HANDSHAKE_GATED_PREFIXES = ("auth.",)
-
-
 def out_of_scope_reason(method: str) -> str | None:
     reason = _EXACT.get(method)
     if reason is not None:
@@ -72,7 +67,3 @@ def out_of_scope_reason(method: str) -> str | None:
         if method.startswith(prefix):
             return why
     return None
-
-
-def handshake_gated(method: str) -> bool:
-    return method in HANDSHAKE_GATED_METHODS or method.startswith(HANDSHAKE_GATED_PREFIXES)

@@ -27,6 +27,7 @@ async def serve(reactor, tmp_path, **overrides):
     server = await start_server(reactor, tmp_path, **overrides)
     server.state.register_method("test.slow", slow(reactor))
     server.state.register_method("test.echo", lambda s, p: p)
+    server.state.register_method("test.watch", lambda s, p: "watching", requires_handshake=True)
     return server
 
 
@@ -76,12 +77,12 @@ async def test_no_auth(reactor, tmp_path, kind):
 @pytest.mark.parametrize("kind", KINDS)
 @pytest_twisted.ensureDeferred
 async def test_handshake(reactor, tmp_path, kind):
-    """v3 and v2 negotiate; mismatch and missing answer -32006; host.subscribe is gated by -32005."""
+    """v3 and v2 negotiate; mismatch and missing answer -32006; a handshake-gated method answers -32005 before it."""
     server = await serve(reactor, tmp_path)
     try:
         c = await server.client(kind)
         await c.authenticate(handshake=False)
-        gated = await c.call("host.subscribe", {})
+        gated = await c.call("test.watch", {})
         assert gated["error"]["code"] == -32005
         missing = await c.call("server.handshake", {"client_version": "0.58.0"})
         assert missing["error"]["code"] == -32006
@@ -93,8 +94,8 @@ async def test_handshake(reactor, tmp_path, kind):
             rid=2,
         )
         assert v3["id"] == 2 and v3["result"]["protocol_version"] == 3
-        after = await c.call("host.subscribe", {})
-        assert after["error"]["code"] == -32601
+        after = await c.call("test.watch", {})
+        assert after["result"] == "watching"
 
         c2 = await server.client(kind)
         await c2.authenticate(handshake=False)

@@ -266,12 +266,12 @@ def test_required_capabilities_that_exist(authed):
     assert reply["result"]["protocol_version"] == 3
 
 
-@pytest.mark.parametrize("method", ["host.subscribe", "auth.start", "auth.status"])
-def test_handshake_gate(authed, method):
-    """host.subscribe and auth.* answer -32005 before negotiation, then -32601 here."""
-    assert authed.call(method, {}, 3)["error"]["code"] == -32005
+def test_handshake_gate(authed, state):
+    """A method declared requires_handshake answers -32005 before negotiation, then runs."""
+    state.register_method("app.watch", lambda s, p: "watching", requires_handshake=True)
+    assert authed.call("app.watch", {}, 3)["error"]["code"] == -32005
     authed.call("server.handshake", {"protocol_version": 3}, 2)
-    assert authed.call(method, {}, 4)["error"]["code"] == -32601
+    assert authed.call("app.watch", {}, 4)["result"] == "watching"
 
 
 def test_capabilities_and_schema(authed, state):

@@ -9,7 +9,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from car_twisted.errors import CallbackUnencodable, ClientRpcError
 from car_twisted.proposal.ir import ToolCall, ToolError
-from car_twisted.sinks import WsToolExecutor
+from car_twisted.ws.tool_executor import WsToolExecutor
 from car_twisted.testing import MemorySink
 from car_twisted.ws.channel import WsChannel
 from support import TOKEN, DispatchConn, make_state

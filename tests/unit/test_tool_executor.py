@@ -8,7 +8,7 @@ from zope.interface.verify import verifyObject
 
 from car_twisted.interfaces import IToolExecutor
 from car_twisted.proposal.ir import ToolCall, ToolError
-from car_twisted.sinks import TOOL_CALLBACK_GRACE_SECS, WsToolExecutor
+from car_twisted.ws.tool_executor import WsToolExecutor
 from car_twisted.testing import FakeToolExecutor, MemorySink
 from car_twisted.ws.channel import WsChannel
 
@@ -117,11 +117,12 @@ class WsToolExecutorTests(SynchronousTestCase):
         assert cancel["method"] == "tools.cancel" and cancel["params"]["request_id"] == rid
         assert "callback timed out (300s)" in cancel["params"]["reason"]
 
-    def test_budget_fires_before_the_channel_wait(self):
+    def test_one_timer_per_attempt(self):
+        """The action's budget, else the daemon's wait: one timer, on the clock."""
         self.executor.execute(self.call(timeout_ms=1000))
+        self.executor.execute(self.call(action_id="a2"))
         self.sent()
-        delays = sorted(c.getTime() for c in self.clock.getDelayedCalls())
-        assert delays == [1.0, 1.0 + TOOL_CALLBACK_GRACE_SECS]
+        assert sorted(c.getTime() for c in self.clock.getDelayedCalls()) == [1.0, 300.0]
 
     def test_external_cancel_sends_cancel_and_stays_cancelled(self):
         """The handler deadline cancels the call: tools.cancel goes out, the failure stays CancelledError."""
