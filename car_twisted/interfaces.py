@@ -114,8 +114,8 @@ class IAgentIdentities(Interface):
     """
     Per-agent credentials for C{session.auth {agent_id, token}}.
 
-    The supervised-agents registry provides this; until one is configured
-    the daemon refuses agent binding with a clear message.
+    The daemon's agent supervisor provides this unless the embedder gives
+    its own (``ServerStateConfig.agent_identities``).
     """
 
     def verify(agent_id, token):
