@@ -133,10 +133,12 @@ class _ClientProtocol(WebSocketClientProtocol):
 class WsTestClient:
     """
     A real Autobahn client: ``call`` sends a request and waits for the
-    response with that id; everything received is kept in ``received``.
+    response with that id; everything received is kept in ``received``;
+    ``when`` waits for a condition on what has arrived.
     """
 
     protocol: Any = None
+    reactor: Any = None
     received: list[Any] = attrs.field(factory=list)
     binary: list[bytes] = attrs.field(factory=list)
     close_code: Any = None
@@ -150,12 +152,13 @@ class WsTestClient:
     on_request: Any = None
     requests: list[Any] = attrs.field(factory=list)
     notifications: list[Any] = attrs.field(factory=list)
+    _watchers: list[Any] = attrs.field(factory=list)
 
     @classmethod
     async def connect(
         cls, reactor: Any, endpoint: str, url: str = "ws://localhost/", headers: Any = None
     ) -> "WsTestClient":
-        client = cls()
+        client = cls(reactor=reactor)
         factory = WebSocketClientFactory(url, headers=headers or {}, reactor=reactor)
         factory.protocol = _ClientProtocol
         factory.owner = client
@@ -169,6 +172,10 @@ class WsTestClient:
         self._opened_d.callback(self)
 
     def _received(self, payload: bytes, is_binary: bool) -> None:
+        self._record(payload, is_binary)
+        self._wake()
+
+    def _record(self, payload: bytes, is_binary: bool) -> None:
         if is_binary:
             self.binary.append(payload)
             return
@@ -207,6 +214,7 @@ class WsTestClient:
 
     def _closed_with(self, code: Any, reason: Any) -> None:
         self.close_code = code
+        self._wake(closed=True)
         for d in self._waiters.values():
             d.errback(ConnectionError(f"closed ({code})"))
         self._waiters.clear()
@@ -244,6 +252,43 @@ class WsTestClient:
         d = defer.Deferred()
         self._frame_waiters.append(d)
         return d
+
+    def when(self, predicate: Any, what: str, timeout: float = 15.0) -> defer.Deferred:
+        """
+        Fire with C{predicate()}'s value once it is truthy: tried now and
+        after each message this client receives (with ``received``,
+        ``notifications`` and reply callbacks already updated).  Fails if
+        the connection closes first, or after C{timeout} seconds.
+        """
+        value = predicate()
+        if value:
+            return defer.succeed(value)
+        entry: list[Any] = [predicate, what]
+
+        def forget(d: defer.Deferred) -> None:
+            if entry in self._watchers:
+                self._watchers.remove(entry)
+
+        d = defer.Deferred(forget)
+        entry.append(d)
+        self._watchers.append(entry)
+        return _bounded(d, self.reactor, timeout, what)
+
+    def _wake(self, closed: bool = False) -> None:
+        watchers, self._watchers = self._watchers, []
+        for entry in watchers:
+            predicate, what, d = entry
+            try:
+                value = predicate()
+            except Exception:
+                d.errback()
+                continue
+            if value:
+                d.callback(value)
+            elif closed:
+                d.errback(ConnectionError(f"closed ({self.close_code}) while waiting for {what}"))
+            else:
+                self._watchers.append(entry)
 
     async def authenticate(self, token: str = TOKEN, handshake: bool = True) -> None:
         reply = await self.call("session.auth", {"token": token}, rid=0)
@@ -301,8 +346,52 @@ async def start_server(reactor: Any, tmp_path: Path, state: ServerState | None =
     )
 
 
+def _bounded(d: defer.Deferred, clock: Any, timeout: float, what: str) -> defer.Deferred:
+    """C{d}, failed with a readable AssertionError after C{timeout} seconds."""
+
+    def timed_out(failure: Failure) -> None:
+        failure.trap(defer.TimeoutError)
+        raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+    return d.addTimeout(timeout, clock).addErrback(timed_out)
+
+
+def sessions_closed(
+    state: ServerState, *which: Any, what: str = "the session to close", timeout: float = 15.0
+) -> defer.Deferred:
+    """
+    Fire once each server-side session in C{which} (sessions or client
+    ids; by default every session live now) has been closed by
+    ``ServerState.close_session``; at once for one already gone.  Fires on
+    the reactor turn after the last close, so the teardown (features,
+    cleanups) is complete when the waiter resumes.
+    """
+    if not which:
+        which = tuple(state.sessions.values())
+    live = [state.sessions.get(item) if isinstance(item, str) else item for item in which]
+    live = [session for session in live if session is not None]  # an absent id: closed already
+    done: defer.Deferred = defer.Deferred()
+    left = [len(live)]
+
+    def one_closed() -> None:
+        left[0] -= 1
+        if left[0] == 0 and not done.called:
+            done.callback(None)
+
+    for session in live:
+        session.on_close(lambda: state.clock.callLater(0, one_closed))
+    if not live:
+        done.callback(None)
+    return _bounded(done, state.clock, timeout, what)
+
+
 async def until(reactor: Any, predicate: Any, what: str, timeout: float = 15.0) -> Any:
-    """Poll C{predicate} (plain or returning a Deferred) until truthy; bounded."""
+    """
+    Poll C{predicate} (plain or returning a Deferred) until truthy; bounded.
+    Only for what happens outside this process (a child process, a file a
+    daemon subprocess writes): in-process events have waits of their own
+    (``WsTestClient.when``, ``client.closed``, ``sessions_closed``).
+    """
     deadline = reactor.seconds() + timeout
     while True:
         value = await defer.maybeDeferred(predicate)

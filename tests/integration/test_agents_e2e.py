@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest_twisted
 from twisted.logger import formatEvent, globalLogPublisher
 
-from support import HOST_TOKEN, start_server, until
+from support import HOST_TOKEN, sessions_closed, start_server, until
 
 AGENT = str(Path(__file__).resolve().parents[1] / "agents" / "attach_agent.py")
 # The real interpreter: a venv's python may live under a world-writable
@@ -54,6 +54,11 @@ async def host(server):
 
 def spec(agent_id, *args, **kw):
     return {"id": agent_id, "command": PYTHON, "args": [AGENT, *args], "backoff_secs": 0.2, **kw}
+
+
+# The agents are child processes: whether one has started, attached or
+# logged a line is polled (``until``) over agents.* calls; nothing in this
+# process fires when a child gets there.
 
 
 @pytest_twisted.ensureDeferred
@@ -215,7 +220,8 @@ async def test_new_launch_spec_rotates_the_token(reactor, tmp_path):
         assert restarted["spec"]["args"][-1] == "v2" and restarted["attached"] is False
         again = await until(reactor, lambda: _attached(op, "rot", not_session=first["session_id"]), "the re-attach")
         assert again["pid"] == restarted["pid"]
-        await until(reactor, lambda: first["session_id"] not in server.state.sessions, "the old connection to close")
+        await sessions_closed(server.state, first["session_id"], what="the old connection to close")
+        assert first["session_id"] not in server.state.sessions
         new_token = next(a["token"] for a in json.loads(manifest_path.read_text())["agents"] if a["id"] == "rot")
         assert new_token != old_token
 

@@ -21,6 +21,8 @@ SH = "/bin/sh"  # root-owned: passes the command ownership rule
 LINGER = "sleep 45 & wait"
 # A generous bound for a stop that should take well under a second.
 PROMPT_SECS = 10.0
+# What is awaited here (a grandchild starting, a process group gone) lives
+# in other processes and is read from /proc: polled with ``until``.
 
 
 def _processes():

@@ -16,7 +16,7 @@ from twisted.internet.endpoints import clientFromString, connectProtocol
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
 
-from support import TOKEN, WsTestClient, request, start_server
+from support import TOKEN, WsTestClient, request, sessions_closed, start_server
 
 PARSE_ERROR = -32700
 INVALID_REQUEST = -32600
@@ -44,6 +44,7 @@ async def within(reactor: Any, d: Any, secs: float = 5.0) -> Any:
 
 
 async def eventually(reactor: Any, pred: Callable[[], bool], secs: float = 5.0, what: str = "") -> None:
+    """Poll C{pred}: only where no event marks the condition (see its uses)."""
     deadline = reactor.seconds() + secs
     while not pred():
         if reactor.seconds() > deadline:
@@ -72,6 +73,25 @@ class RawClient(Protocol):
         self.frames: list[tuple[int, bytes]] = []
         self.lost: defer.Deferred = defer.Deferred()
         self.is_lost = False
+        self._watchers: list[tuple[Callable[[], bool], defer.Deferred]] = []
+
+    def when(self, pred: Callable[[], bool]) -> defer.Deferred:
+        """Fires once C{pred()} holds: tried now, after each read and at connection loss."""
+        if pred():
+            return defer.succeed(None)
+        d: defer.Deferred = defer.Deferred()
+        self._watchers.append((pred, d))
+        return d
+
+    def _wake(self) -> None:
+        watchers, self._watchers = self._watchers, []
+        for pred, d in watchers:
+            if d.called:
+                continue  # timed out
+            if pred():
+                d.callback(None)
+            else:
+                self._watchers.append((pred, d))
 
     def dataReceived(self, data: bytes) -> None:
         self.buf += data
@@ -82,6 +102,7 @@ class RawClient(Protocol):
             self.head = bytes(self.buf[: end + 4])
             del self.buf[: end + 4]
         self._parse_frames()
+        self._wake()
 
     def _parse_frames(self) -> None:
         while len(self.buf) >= 2:
@@ -107,6 +128,7 @@ class RawClient(Protocol):
         self.is_lost = True
         if not self.lost.called:
             self.lost.callback(None)
+        self._wake()
 
     def abort(self) -> None:
         if self.transport is not None and not self.is_lost:
@@ -126,7 +148,7 @@ async def raw_upgrade(reactor: Any, endpoint: str, origin: str | None = None) ->
     proto = await raw_connect(reactor, endpoint)
     extra = b"" if origin is None else b"Origin: " + origin.encode() + b"\r\n"
     proto.transport.write(UPGRADE + extra + b"\r\n")
-    await eventually(reactor, lambda: proto.head is not None or proto.is_lost, what="the upgrade response")
+    await within(reactor, proto.when(lambda: proto.head is not None or proto.is_lost))
     return proto
 
 
@@ -137,7 +159,7 @@ async def raw_ws_authenticated(reactor: Any, endpoint: str) -> RawClient:
         client_frame(request("session.auth", {"token": TOKEN}, 0))
         + client_frame(request("server.handshake", {"protocol_version": 3}, 1))
     )
-    await eventually(reactor, lambda: len(proto.texts()) >= 2, what="auth and handshake replies")
+    await within(reactor, proto.when(lambda: len(proto.texts()) >= 2 or proto.is_lost))
     assert [m.get("id") for m in proto.texts()] == [0, 1]
     assert all("result" in m for m in proto.texts()), proto.texts()
     return proto
@@ -237,7 +259,8 @@ async def test_unauthenticated_garbage_then_denied(reactor, tmp_path):
         assert reply["error"]["code"] == AUTH_REQUIRED and reply["id"] == "x"
         code = await within(reactor, client.closed)
         assert code == 1008
-        await eventually(reactor, lambda: not server.state.sessions, what="the denied session to go")
+        await sessions_closed(server.state, timeout=5, what="the denied session to go")
+        assert not server.state.sessions
         await fresh_client_works(reactor, server, clients)
     finally:
         await cleanup(server, clients, [])
@@ -267,7 +290,8 @@ async def test_invalid_utf8_text_frame_closes_1007(reactor, tmp_path, payload):
         client.send_raw(payload)
         code = await within(reactor, client.closed)
         assert code == 1007
-        await eventually(reactor, lambda: not server.state.sessions, what="the session to close")
+        await sessions_closed(server.state, timeout=5)
+        assert not server.state.sessions
         await fresh_client_works(reactor, server, clients)
     finally:
         await cleanup(server, clients, [])
@@ -299,7 +323,8 @@ async def test_oversized_message_closes_1009(reactor, tmp_path, fragment):
             client.protocol.sendMessage(over, isBinary=False, fragmentSize=fragment)
         code = await within(reactor, client.closed)
         assert code == 1009
-        await eventually(reactor, lambda: not server.state.sessions, what="the session to close")
+        await sessions_closed(server.state, timeout=5)
+        assert not server.state.sessions
         await fresh_client_works(reactor, server, clients)
     finally:
         await cleanup(server, clients, [])
@@ -348,6 +373,7 @@ async def test_half_open_upgrades_do_not_block_others(reactor, tmp_path):
             raws.append(raw)
             # A partial upgrade request, then silence.
             raw.transport.write(b"GET / HTTP/1.1\r\nHost: localh")
+        # A wait for nothing to happen: no event marks "read and ignored".
         await deferLater(reactor, 0.2, lambda: None)
         await fresh_client_works(reactor, server, clients)
         # The half-open peers are no sessions, and nothing was written to them.
@@ -409,6 +435,8 @@ async def test_non_reader_does_not_block_others(reactor, tmp_path):
         raws.append(raw)
         transport = session.channel.sink.transport
         # The daemon's output to it backs up (its reads get throttled) ...
+        # Polled: it waits on the kernel's socket buffers filling, which
+        # fires nothing the test can hook.
         await eventually(reactor, lambda: transport.producerPaused, 10, "the non-reader's output to back up")
         # ... and everyone else is still served promptly.
         for _ in range(3):
@@ -430,12 +458,8 @@ async def test_non_reader_is_dropped_after_write_stall_timeout(reactor, tmp_path
         raw, session = await _start_non_reader(reactor, server)
         raws.append(raw)
         assert len(server.state.sessions) == 2
-        await eventually(
-            reactor,
-            lambda: len(server.state.sessions) == 1,
-            10,
-            "the stalled non-reader to be dropped",
-        )
+        await sessions_closed(server.state, session, timeout=10, what="the stalled non-reader to be dropped")
+        assert len(server.state.sessions) == 1
         assert session.client_id not in server.state.sessions
         assert session.closed
         # The reading client was not touched.

@@ -118,6 +118,7 @@ def test_created_directories_are_0700(tmp_path):
     finally:
         os.umask(old)
     try:
+        # The daemon is a subprocess: polled until it listens.
         deadline = time.monotonic() + 20
         while not port_open(port):
             assert proc.poll() is None and time.monotonic() < deadline
@@ -136,6 +137,7 @@ def test_restart_right_after_kill_9(tmp_path):
     first_port, second_port = free_port(), free_port()
     first = subprocess.Popen(TWIST + ["--port", str(first_port)], env=env_for(home), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
+        # The daemons are subprocesses: each is polled until it listens.
         deadline = time.monotonic() + 20
         while not (port_open(first_port) and sock.exists()):
             assert first.poll() is None and time.monotonic() < deadline

@@ -17,7 +17,7 @@ from zope.interface import implementer
 from car_twisted.interfaces import IAgentIdentities
 from car_twisted.runs.registry import SUBSCRIBER_BACKLOG_BYTES
 from car_twisted.runs.store import read_records
-from support import HOST_TOKEN, WsTestClient, free_port, port_open, start_server, until
+from support import HOST_TOKEN, WsTestClient, free_port, port_open, start_server
 
 
 @implementer(IAgentIdentities)
@@ -96,8 +96,8 @@ async def test_subscribe_mid_run_sees_every_turn_once(reactor, tmp_path):
         await defer.gatherResults(pending + more)
         await agent.result("runs.complete", {"run_id": run_id, "outcome": {"status": "done"}})
 
-        await until(reactor, lambda: any(n["params"]["record"]["record"] == "ended" for n in host.notifications),
-                    "the ended event")
+        await host.when(lambda: any(n["params"]["record"]["record"] == "ended" for n in host.notifications),
+                        "the ended event")
         events = [n["params"] for n in host.notifications if n["method"] == "runs.trace.event"]
         turn_events = [e for e in events if e["record"]["record"] == "turn"]
         seen = [t["index"] for t in snap["turns_so_far"]] + [e["record"]["index"] for e in turn_events]
@@ -129,12 +129,22 @@ async def test_subscriber_that_never_reads_does_not_hold_up_the_recorder(reactor
         assert lazy_session.channel.paused, "the lazy subscriber's output should have backed up"
         sub = server.state.runs._subscribers[run_id][lazy_session.client_id]
         assert sub.dropped > 0 and sub.backlog_bytes <= SUBSCRIBER_BACKLOG_BYTES
+        # The backlog drains only when the daemon's output resumes, and the
+        # subscription's own resume hook (registered first) runs before this one.
+        drained = defer.Deferred()
+
+        def check_drained():
+            if not drained.called and not sub.backlog and not lazy_session.channel.paused:
+                reactor.callLater(0, drained.callback, None)
+
+        lazy_session.channel.on_resume(check_drained)
         lazy.protocol.transport.resumeProducing()
-        await until(reactor, lambda: not sub.backlog and not lazy_session.channel.paused, "the backlog to drain")
+        await drained.addTimeout(15, reactor)
+        assert not sub.backlog and not lazy_session.channel.paused, "the backlog to drain"
         # Not stalled: the next turn reaches it live.
         await agent.result("runs.record_turns", {"run_id": run_id, "turns": batch(1, "after")})
-        await until(reactor, lambda: lazy.notifications and lazy.notifications[-1]["params"]["cursor"] == 1201,
-                    "the live event after the gap")
+        await lazy.when(lambda: lazy.notifications and lazy.notifications[-1]["params"]["cursor"] == 1201,
+                        "the live event after the gap")
         cursors = [n["params"]["cursor"] for n in lazy.notifications]
         assert cursors == sorted(cursors) and cursors[0] == 1
         assert any(b - a > 1 for a, b in zip(cursors, cursors[1:])), "a gap, which the client re-subscribes over"
@@ -154,6 +164,7 @@ async def test_kill_9_mid_append_loses_nothing_acknowledged(reactor, tmp_path):
 
     async def boot():
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # A daemon subprocess: its port and token file are all there is to watch.
         deadline = reactor.seconds() + 20
         while not (port_open(port) and (home / "ai.parslee.car" / "host-token").exists()):
             assert proc.poll() is None and reactor.seconds() < deadline, "daemon did not start"
@@ -176,7 +187,7 @@ async def test_kill_9_mid_append_loses_nothing_acknowledged(reactor, tmp_path):
             d = agent.send("runs.record_turns", {"run_id": run_id, "turns": batch(4, f"k{k}")})
             d.addCallbacks(lambda r: acked.append(r["result"]) if "result" in r else None, lambda f: None)
             sends.append(d)
-        await until(reactor, lambda: len(acked) >= 40, "some acknowledgements")
+        await agent.when(lambda: len(acked) >= 40, "some acknowledgements")
         os.kill(proc.pid, signal.SIGKILL)  # mid-stream
         proc.wait(timeout=10)
         await defer.DeferredList(sends, consumeErrors=True)

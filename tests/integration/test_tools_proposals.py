@@ -7,7 +7,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer, task
 
-from support import CallbackError, start_server, until
+from support import CallbackError, sessions_closed, start_server
 
 KINDS = ["tcp", "unix"]
 
@@ -211,12 +211,13 @@ async def test_disconnect_mid_call_leaks_nothing(reactor, tmp_path):
         client.on_request = lambda msg: defer.Deferred()  # never answers
         pending = client.send("proposal.submit", {"proposal": {"actions": [tool_action("a2")]}})
         pending.addErrback(lambda f: None)  # the connection is about to go
-        await until(reactor, lambda: client.requests, "the tools.execute callback")
+        await client.when(lambda: client.requests, "the tools.execute callback")
         session = next(iter(server.state.sessions.values()))
         assert session.channel.pending_count() == 1 and session.in_flight == 1
         client.drop()
         await client.closed
-        await until(reactor, lambda: not server.state.sessions, "the session to close")
+        await sessions_closed(server.state, session)
+        assert not server.state.sessions
         assert session.channel.pending_count() == 0 and session.in_flight == 0
     finally:
         await server.stop()

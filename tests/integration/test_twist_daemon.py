@@ -26,6 +26,7 @@ def env_for(home):
 
 
 def wait_for(predicate, timeout=15.0, proc=None):
+    """Poll C{predicate}: what it reads (a port, a file) belongs to a daemon subprocess."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
