@@ -10,22 +10,27 @@ daemons in one process can carry different components.
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from zope.interface.adapter import AdapterRegistry
 
 from car_twisted.interfaces import IClientSession, IToolExecutor, IWsSink
 from car_twisted.ws.tool_executor import session_tool_executor
 
+if TYPE_CHECKING:
+    from car_twisted.config import AdapterRegistration
+    from car_twisted.session import ClientSession
+
 __all__ = ["default_registry", "session_sink"]
 
 
-def session_sink(session: Any) -> Any:
+def session_sink(session: ClientSession) -> IWsSink:
     """A session's transport-neutral sink: what its channel writes to."""
     return session.channel.sink
 
 
-def default_registry(extra: Iterable[Any] = ()) -> AdapterRegistry:
+def default_registry(extra: Iterable[AdapterRegistration] = ()) -> AdapterRegistry:
     """
     A fresh registry with the daemon's default adapters, then C{extra}
     (``AdapterRegistration`` values), which win over the defaults.

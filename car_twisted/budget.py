@@ -31,7 +31,7 @@ class ByteBudget:
     @ivar used: bytes reserved now.
     """
 
-    def __init__(self, what: str, limit: int, parent: "ByteBudget | None" = None) -> None:
+    def __init__(self, what: str, limit: int, parent: ByteBudget | None = None) -> None:
         self.what = what
         self.limit = limit
         self.parent = parent

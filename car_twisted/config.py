@@ -8,7 +8,8 @@ the ``with_*`` evolvers.  ``from_environ`` reads the daemon's environment
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, TypeVar
 
 import attrs
 from zope.interface import Interface
@@ -17,7 +18,7 @@ from zope.interface.verify import verifyObject
 from car_twisted.agents.manifest import DEFAULT_STOP_GRACE_SECS
 from car_twisted.interfaces import IAgentIdentities, IMethodProvider, IRunStore
 from car_twisted.paths import CarPaths, ConfigError
-from car_twisted.rpc.registry import MethodSpec
+from car_twisted.rpc.registry import MethodSpec, method_specs
 from car_twisted.runs.model import RUN_COMPLETE_GRACE
 
 __all__ = [
@@ -42,21 +43,33 @@ DEFAULT_PREAUTH_MESSAGE_BYTES = 8 * 1024
 # when encoding; replies wrap values a few levels deeper).
 DEFAULT_MAX_JSON_DEPTH = 128
 
+T = TypeVar("T")
+# An attrs validator: (instance, attribute, value).
+Validator = Callable[[object, "attrs.Attribute[T]", T], None]
 
-def _provides(iface: type[Interface]) -> Callable[[Any, Any, Any], None]:
-    def check(instance: Any, attribute: Any, value: Any) -> None:
+
+def _provides(iface: type[Interface]) -> Validator[T | None]:
+    def check(instance: object, attribute: attrs.Attribute[T | None], value: T | None) -> None:
         if value is not None and not iface.providedBy(value):
             raise TypeError(f"{attribute.name} must provide {iface.__name__}")
 
     return check
 
 
-def _each_provides(iface: type[Interface]) -> Callable[[Any, Any, Any], None]:
-    def check(instance: Any, attribute: Any, value: Any) -> None:
+def _each_provides(iface: type[Interface]) -> Validator[tuple[T, ...]]:
+    def check(instance: object, attribute: attrs.Attribute[tuple[T, ...]], value: tuple[T, ...]) -> None:
         for item in value:
             verifyObject(iface, item)
 
     return check
+
+
+def _strings(items: Iterable[str]) -> tuple[str, ...]:
+    return tuple(items)
+
+
+def _providers(items: Iterable[IMethodProvider]) -> tuple[IMethodProvider, ...]:
+    return tuple(items)
 
 
 @attrs.frozen
@@ -68,8 +81,13 @@ class AdapterRegistration:
 
     required: type[Interface]
     provided: type[Interface]
-    factory: Callable[[Any], Any]
+    # Takes an object providing ``required``: a type named at run time.
+    factory: Callable[[Any], object]
     name: str = ""
+
+
+def _adapters(items: Iterable[AdapterRegistration]) -> tuple[AdapterRegistration, ...]:
+    return tuple(items)
 
 
 def _env_flag(value: str | None) -> bool:
@@ -234,14 +252,15 @@ class ServerStateConfig:
     agent_stop_grace: float = DEFAULT_STOP_GRACE_SECS
     run_complete_grace: float = RUN_COMPLETE_GRACE
     run_store_fsync: bool = False
-    run_store: Any = attrs.field(default=None, validator=_provides(IRunStore))
-    allowed_origins: tuple[str, ...] = attrs.field(default=(), converter=tuple)
-    methods: tuple[MethodSpec, ...] = attrs.field(default=(), converter=tuple)
-    method_providers: tuple[Any, ...] = attrs.field(
-        default=(), converter=tuple, validator=_each_provides(IMethodProvider)
+    run_store: IRunStore | None = attrs.field(default=None, validator=_provides(IRunStore))
+    # The tuple converters are plain ``tuple``, typed for attrs' checker.
+    allowed_origins: tuple[str, ...] = attrs.field(default=(), converter=_strings)
+    methods: tuple[MethodSpec, ...] = attrs.field(default=(), converter=method_specs)
+    method_providers: tuple[IMethodProvider, ...] = attrs.field(
+        default=(), converter=_providers, validator=_each_provides(IMethodProvider)
     )
-    adapters: tuple[AdapterRegistration, ...] = attrs.field(default=(), converter=tuple)
-    agent_identities: Any = attrs.field(
+    adapters: tuple[AdapterRegistration, ...] = attrs.field(default=(), converter=_adapters)
+    agent_identities: IAgentIdentities | None = attrs.field(
         default=None, validator=_provides(IAgentIdentities)
     )
 
@@ -254,7 +273,7 @@ class ServerStateConfig:
         no_auth: bool = False,
         auth_token: str | None = None,
         **overrides: Any,
-    ) -> "ServerStateConfig":
+    ) -> ServerStateConfig:
         """
         The daemon's configuration from its environment and options;
         options win over the environment.
@@ -277,21 +296,21 @@ class ServerStateConfig:
         kwargs.update(overrides)
         return cls(**kwargs)
 
-    def with_methods(self, *specs: MethodSpec) -> "ServerStateConfig":
+    def with_methods(self, *specs: MethodSpec) -> ServerStateConfig:
         return attrs.evolve(self, methods=self.methods + specs)
 
-    def with_method_provider(self, provider: Any) -> "ServerStateConfig":
+    def with_method_provider(self, provider: IMethodProvider) -> ServerStateConfig:
         return attrs.evolve(self, method_providers=self.method_providers + (provider,))
 
-    def with_adapter(self, registration: AdapterRegistration) -> "ServerStateConfig":
+    def with_adapter(self, registration: AdapterRegistration) -> ServerStateConfig:
         return attrs.evolve(self, adapters=self.adapters + (registration,))
 
-    def with_agent_identities(self, identities: Any) -> "ServerStateConfig":
+    def with_agent_identities(self, identities: IAgentIdentities) -> ServerStateConfig:
         return attrs.evolve(self, agent_identities=identities)
 
     def with_auth(
         self, enabled: bool, token: str | None = None, host_token: str | None = None
-    ) -> "ServerStateConfig":
+    ) -> ServerStateConfig:
         return attrs.evolve(
             self, auth_enabled=enabled, auth_token=token, host_token=host_token
         )

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.error import CannotListenError
@@ -179,7 +180,7 @@ class CarDaemonService(MultiService):
             if not isinstance(e, (ConfigError, StartupError, CannotListenError, OSError)):
                 self._log.failure("daemon start-up failed")
             self._say(str(e) or type(e).__name__)
-            raise SystemExit(EXIT_CONFIG if isinstance(e, ConfigError) else EXIT_STARTUP)
+            raise SystemExit(EXIT_CONFIG if isinstance(e, ConfigError) else EXIT_STARTUP) from None
         freeze_startup_heap()
 
     def _listener_failed(self, failure: Failure) -> None:

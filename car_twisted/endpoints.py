@@ -18,8 +18,9 @@ import errno
 import os
 import re
 import socket
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Union
+from typing import Union
 
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.endpoints import serverFromString
@@ -45,7 +46,8 @@ _log = Logger()
 
 #: What a listener is given: an endpoint string, a callable giving one at
 #: listen time, or any stream server endpoint.
-Listen = Union[str, Callable[[], str], IStreamServerEndpoint]
+# (Union: an interface is not a type at run time, so it takes no ``|``.)
+Listen = Union[str, Callable[[], str], IStreamServerEndpoint]  # noqa: UP007
 
 
 class StartupError(Exception):
@@ -166,7 +168,7 @@ class ListenerEndpoint:
             return secure_endpoint_description(self.target)
         return repr(self.target)
 
-    def listen(self, protocolFactory: IProtocolFactory) -> Deferred:
+    def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
         target = self.target
         description = self.describe()
         try:

@@ -10,7 +10,10 @@ without one.
 from __future__ import annotations
 
 import reprlib
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from car_twisted.rpc.envelope import JsonValue
 
 __all__ = [
     "short_repr",
@@ -53,7 +56,7 @@ _repr.maxstring = 60
 _repr.maxother = 60
 
 
-def short_repr(value: Any) -> str:
+def short_repr(value: object) -> str:
     """A bounded repr of a wire value for error messages (no deep recursion)."""
     return _repr.repr(value)
 
@@ -63,15 +66,15 @@ class RpcError(Exception):
 
     code = INTERNAL_ERROR
 
-    def __init__(self, message: str, data: Any = None, code: int | None = None):
+    def __init__(self, message: str, data: object = None, code: int | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.data = data
         if code is not None:
             self.code = code
 
-    def to_wire(self) -> dict[str, Any]:
-        err: dict[str, Any] = {"code": self.code, "message": self.message}
+    def to_wire(self) -> dict[str, object]:
+        err: dict[str, object] = {"code": self.code, "message": self.message}
         if self.data is not None:
             err["data"] = self.data
         return err
@@ -80,7 +83,7 @@ class RpcError(Exception):
 class Forbidden(RpcError):
     """The connection's role does not allow this method."""
 
-    def __init__(self, what: str):
+    def __init__(self, what: str) -> None:
         super().__init__(f"forbidden: {what}")
 
 
@@ -89,7 +92,7 @@ class InvalidParams(RpcError):
 
     code = INVALID_PARAMS
 
-    def __init__(self, field: str, problem: str):
+    def __init__(self, field: str, problem: str) -> None:
         super().__init__(
             f"invalid params: {field}: {problem}", data={"field": field}
         )
@@ -102,12 +105,12 @@ class AuthFailed(RpcError):
 
     code = INTERNAL_ERROR
 
-    def __init__(self, reason: str = "token mismatch"):
+    def __init__(self, reason: str = "token mismatch") -> None:
         super().__init__(f"auth failed: {reason}")
 
 
 class AgentAlreadyAttached(AuthFailed):
-    def __init__(self, agent_id: str):
+    def __init__(self, agent_id: str) -> None:
         super().__init__(f"agent '{agent_id}' is already attached on another connection")
 
 
@@ -118,7 +121,7 @@ class ProtocolMismatch(RpcError):
 class HandlerDeadlineExceeded(RpcError):
     code = HANDLER_DEADLINE
 
-    def __init__(self, method: str, seconds: float):
+    def __init__(self, method: str, seconds: float) -> None:
         super().__init__(
             f"handler deadline exceeded: {method} did not finish within "
             f"{seconds:g}s; it may have committed, read its state before retrying",
@@ -133,7 +136,7 @@ class ChannelClosed(Exception):
 class CallbackTimeout(Exception):
     """A server-to-client request got no answer in time."""
 
-    def __init__(self, method: str, seconds: float):
+    def __init__(self, method: str, seconds: float) -> None:
         super().__init__(f"{method} callback timed out ({seconds:g}s)")
         self.method = method
         self.seconds = seconds
@@ -142,7 +145,7 @@ class CallbackTimeout(Exception):
 class CallbackUnencodable(Exception):
     """A server-to-client request whose params cannot be encoded as JSON."""
 
-    def __init__(self, method: str, reason: str):
+    def __init__(self, method: str, reason: str) -> None:
         super().__init__(f"{method} params cannot be sent as JSON: {reason}")
         self.method = method
         self.reason = reason
@@ -151,7 +154,7 @@ class CallbackUnencodable(Exception):
 class ClientRpcError(Exception):
     """The client answered a server-to-client request with an error."""
 
-    def __init__(self, code: Any, message: str, data: Any = None):
+    def __init__(self, code: JsonValue, message: str, data: JsonValue = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message

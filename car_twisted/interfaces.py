@@ -6,7 +6,21 @@ say ``@implementer(...)`` and are found through each ``ServerState``'s own
 adapter registry (see ``car_twisted.adapters``).
 """
 
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
 from zope.interface import Attribute, Interface
+
+if TYPE_CHECKING:
+    from twisted.internet.defer import Deferred
+
+    from car_twisted.proposal.ir import ToolCall
+    from car_twisted.rpc.envelope import JsonValue
+    from car_twisted.rpc.registry import MethodSpec
+    from car_twisted.runs.model import RunRecord, StoredRun
+    from car_twisted.session import ClientSession
 
 __all__ = [
     "IAgentIdentities",
@@ -31,7 +45,7 @@ class IWsSink(Interface):
 
     writable = Attribute("True while frames can still be written.")
 
-    def send_text(payload):
+    def send_text(payload: bytes) -> bool:
         """
         Write one text frame.
 
@@ -40,7 +54,7 @@ class IWsSink(Interface):
         @return: C{True} if written, C{False} if the connection is gone.
         """
 
-    def send_binary(payload):
+    def send_binary(payload: bytes) -> bool:
         """
         Write one binary frame.
 
@@ -48,7 +62,7 @@ class IWsSink(Interface):
         @return: C{True} if written, C{False} if the connection is gone.
         """
 
-    def close(code, reason):
+    def close(code: int, reason: str) -> None:
         """
         Start a WebSocket close with C{code} and C{reason}, then drop the
         connection without waiting for the peer's Close (the real client
@@ -72,14 +86,14 @@ class ISessionFeature(Interface):
     first use, closed with the connection.
     """
 
-    def holds_client_state():
+    def holds_client_state() -> bool:
         """
         @return: C{True} while it holds something the client registered
             that a reconnect would lose (the client replays nothing), which
             keeps the connection from being closed as idle.
         """
 
-    def close():
+    def close() -> None:
         """The connection is gone: release what this feature holds."""
 
 
@@ -90,7 +104,7 @@ class IBinaryReceiver(Interface):
     registry; with none, binary frames are refused with an error.
     """
 
-    def receive(payload):
+    def receive(payload: bytes) -> None:
         """
         Take one binary message from the client.
 
@@ -104,7 +118,7 @@ class IMethodProvider(Interface):
     an embedder adds.
     """
 
-    def methods():
+    def methods() -> Iterable[MethodSpec]:
         """
         @return: an iterable of L{car_twisted.rpc.registry.MethodSpec}.
         """
@@ -118,14 +132,14 @@ class IAgentIdentities(Interface):
     its own (``ServerStateConfig.agent_identities``).
     """
 
-    def verify(agent_id, token):
+    def verify(agent_id: str, token: str) -> bool:
         """
         @return: C{True} when C{token} is C{agent_id}'s own token.  Must
             compare in constant time and must not reveal whether the agent
             exists.
         """
 
-    def attach(agent_id, session):
+    def attach(agent_id: str, session: ClientSession) -> None:
         """
         Bind C{session} to C{agent_id}.
 
@@ -133,7 +147,7 @@ class IAgentIdentities(Interface):
             connection holds the binding.
         """
 
-    def detach(agent_id, session):
+    def detach(agent_id: str, session: ClientSession) -> None:
         """
         Release the binding if C{session} holds it; otherwise do nothing.
         """
@@ -152,7 +166,7 @@ class IToolExecutor(Interface):
         "True if streaming / long-running invocations can be started."
     )
 
-    def execute(call):
+    def execute(call: ToolCall) -> Deferred[JsonValue]:
         """
         Run C{call} (a L{car_twisted.proposal.ir.ToolCall}).
 
@@ -172,7 +186,7 @@ class IRunStore(Interface):
     registry's policy (``car_twisted.runs.retention``).
     """
 
-    def append(agent_id, run_id, records):
+    def append(agent_id: str, run_id: str, records: list[RunRecord]) -> Deferred[int | None]:
         """
         Append C{records} (dicts) to the run's log.
 
@@ -180,7 +194,7 @@ class IRunStore(Interface):
             to the store (None if the store does not count).
         """
 
-    def write_summary(summary):
+    def write_summary(summary: RunRecord) -> Deferred[int | None]:
         """
         Replace the run's summary (status, counts, times).
 
@@ -188,19 +202,19 @@ class IRunStore(Interface):
             the store does not count).
         """
 
-    def read(agent_id, run_id):
+    def read(agent_id: str, run_id: str) -> Deferred[list[RunRecord] | None]:
         """
         The run's records in order (a torn last line is ignored), or None
         if there is no such run.
         """
 
-    def find(run_id):
+    def find(run_id: str) -> Deferred[str | None]:
         """The owning agent id of C{run_id}, or None."""
 
-    def summaries(agent_id):
+    def summaries(agent_id: str) -> Deferred[list[RunRecord]]:
         """Every stored run summary of C{agent_id}."""
 
-    def inventory():
+    def inventory() -> Deferred[list[StoredRun]]:
         """
         Every run the store holds, read once (off the reactor thread) by the
         registry when it first needs its retention index.
@@ -210,7 +224,7 @@ class IRunStore(Interface):
             start time (or last write) and whether its summary says ended.
         """
 
-    def delete(agent_id, run_id):
+    def delete(agent_id: str, run_id: str) -> Deferred[None]:
         """
         Remove the run (its log and summary) after every operation on it
         made before; a run that is not there is no error.

@@ -12,8 +12,8 @@ and the socket under ``$XDG_RUNTIME_DIR/ai.parslee.car`` (else
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import attrs
 
@@ -36,7 +36,7 @@ class CarPaths:
     @classmethod
     def resolve(
         cls, environ: Mapping[str, str], car_home: str | None = None
-    ) -> "CarPaths":
+    ) -> CarPaths:
         """
         Derive the paths from C{car_home} (the option) or C{CAR_HOME}.
 

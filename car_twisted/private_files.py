@@ -15,8 +15,8 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from car_twisted.paths import ConfigError
 
@@ -202,7 +202,7 @@ def read_private(path: Path) -> bytes:
     """The whole of a small private file (no symlinks followed)."""
     fd = open_private(path, os.O_RDONLY)
     try:
-        chunks = []
+        chunks: list[bytes] = []
         while True:
             chunk = os.read(fd, 1 << 16)
             if not chunk:

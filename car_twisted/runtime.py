@@ -10,7 +10,8 @@ state store in bytes as well as keys.
 from __future__ import annotations
 
 import secrets
-from typing import TYPE_CHECKING, Any, Iterator
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import orjson
 from zope.interface import implementer
@@ -20,7 +21,7 @@ from car_twisted.errors import InvalidParams, RpcError
 from car_twisted.interfaces import ISessionFeature
 from car_twisted.proposal.ir import ToolSchema
 from car_twisted.proposal.rules import PolicyDefinition
-from car_twisted.rpc.envelope import dumps
+from car_twisted.rpc.envelope import JsonValue, dumps
 
 if TYPE_CHECKING:
     from car_twisted.session import ClientSession
@@ -56,7 +57,7 @@ class KeyValueStore:
         self.max_keys = max_keys
         self.budget = budget if budget is not None else ByteBudget("connection state", DEFAULT_STATE_BYTES)
 
-    def view(self, tenant_id: str | None) -> "KeyValueView":
+    def view(self, tenant_id: str | None) -> KeyValueView:
         return KeyValueView(self, tenant_id or None)
 
     def __len__(self) -> int:
@@ -129,24 +130,28 @@ class KeyValueView:
         self._store = store
         self._tenant = tenant
 
-    def __getitem__(self, key: str) -> Any:
+    def __getitem__(self, key: str) -> JsonValue:
         encoded = self._store._get(self._tenant, _check_key(key))
         if encoded is None:
             raise KeyError(key)
-        return orjson.loads(encoded)
+        value: JsonValue = orjson.loads(encoded)
+        return value
 
     def __contains__(self, key: object) -> bool:
         return type(key) is str and self._store._get(self._tenant, _check_key(key)) is not None
 
-    def get(self, key: str, default: Any = None) -> Any:
+    def get(self, key: str, default: JsonValue = None) -> JsonValue:
         encoded = self._store._get(self._tenant, _check_key(key))
-        return default if encoded is None else orjson.loads(encoded)
+        if encoded is None:
+            return default
+        value: JsonValue = orjson.loads(encoded)
+        return value
 
     def get_encoded(self, key: str) -> bytes | None:
         """The stored JSON of C{key}, or None."""
         return self._store._get(self._tenant, _check_key(key))
 
-    def set(self, key: str, value: Any) -> None:
+    def set(self, key: str, value: JsonValue) -> None:
         """
         @raise car_twisted.budget.BudgetExceeded: the value does not fit
             the connection's (or the daemon's) state budget.
@@ -162,7 +167,7 @@ class KeyValueView:
     def encoded_items(self) -> list[tuple[str, bytes]]:
         return list(self._store._table(self._tenant).items())
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self) -> dict[str, JsonValue]:
         return {key: orjson.loads(encoded) for key, encoded in self.encoded_items()}
 
     def __iter__(self) -> Iterator[str]:
@@ -257,5 +262,5 @@ def _new_runtime(session: ClientSession) -> SessionRuntime:
     return SessionRuntime(budget)
 
 
-def scope_label(session_id: str | None) -> Any:
+def scope_label(session_id: str | None) -> str | dict[str, str]:
     return "global" if session_id is None else {"session_id": session_id}

@@ -16,7 +16,8 @@ The standalone daemon's extra duties live in ``car_twisted.daemon``.
 from __future__ import annotations
 
 import gc
-from typing import TYPE_CHECKING, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
@@ -70,7 +71,7 @@ class EnginesService(Service):
     grace timers (open runs then read as incomplete).
     """
 
-    def __init__(self, state: ServerState, server: "CarService") -> None:
+    def __init__(self, state: ServerState, server: CarService) -> None:
         self.state = state
         self.server = server
         self.setName("engines")
@@ -83,7 +84,7 @@ class EnginesService(Service):
         agents.load()
         agents.boot()
 
-    def stopService(self) -> Deferred:
+    def stopService(self) -> Deferred[None]:
         super().stopService()
         self.state.runs.shutdown()
         return self.state.agents.shutdown()

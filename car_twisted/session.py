@@ -12,12 +12,12 @@ and is the only place that feature's per-connection state lives.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, TypeVar
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
 
 import attrs
 from twisted.logger import Logger
 from zope.interface import implementer
-from zope.interface.interface import InterfaceClass
 
 from car_twisted.interfaces import IClientSession, ISessionFeature
 from car_twisted.ws.channel import WsChannel
@@ -31,6 +31,7 @@ ROLE_HOST = "host"
 
 _log = Logger()
 F = TypeVar("F")
+I = TypeVar("I")  # noqa: E741 (an interface)
 
 
 @attrs.define(eq=False)
@@ -86,7 +87,7 @@ class ClientSession:
     closed: bool = False
     _cleanups: list[Callable[[], object]] = attrs.field(factory=list, repr=False)
     _features: dict[type, object] = attrs.field(factory=dict, repr=False)
-    _components: dict[InterfaceClass, object] = attrs.field(factory=dict, repr=False)
+    _components: dict[type, object] = attrs.field(factory=dict, repr=False)
 
     # -- per-connection components ---------------------------------------------
 
@@ -103,18 +104,18 @@ class ClientSession:
             self._features[kind] = found = made
             if self.closed:
                 _close_feature(self, made)
-        return found  # type: ignore[return-value]
+        return found  # type: ignore[return-value]  # kept under its kind, made by make
 
     def existing_feature(self, kind: type[F]) -> F | None:
         """C{kind}'s feature if this connection has made one, else None."""
-        return self._features.get(kind)  # type: ignore[return-value]
+        return self._features.get(kind)  # type: ignore[return-value]  # kept under its kind
 
-    def component(self, iface: InterfaceClass) -> object:
+    def component(self, iface: type[I]) -> I | None:
         """This session's C{iface} component from the daemon's adapters, adapted once and kept."""
         found = self._components.get(iface)
         if found is None:
             found = self._components[iface] = self.state.component(self, iface)
-        return found
+        return found  # type: ignore[return-value]  # kept under its own interface
 
     def holds_client_state(self) -> bool:
         """

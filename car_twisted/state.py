@@ -10,38 +10,45 @@ from __future__ import annotations
 
 import itertools
 import os
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any, TypeVar
 
+from attrs import AttrsInstance
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from zope.interface import Interface
 
 from car_twisted.adapters import default_registry
 from car_twisted.agents.supervisor import Supervisor
-from car_twisted.runs.registry import RunRegistry
-from car_twisted.runs.store import JsonlRunStore
 from car_twisted.auth import mint_token
 from car_twisted.budget import ByteBudget
 from car_twisted.config import ServerStateConfig
-from car_twisted.interfaces import IWsSink
-from car_twisted.rpc.registry import MethodRegistry, MethodSpec
+from car_twisted.interfaces import IAgentIdentities, IMethodProvider, IRunStore, IWsSink
+from car_twisted.rpc.registry import Handler, MethodRegistry, MethodSpec
+from car_twisted.runs.registry import RunRegistry
+from car_twisted.runs.store import JsonlRunStore
 from car_twisted.session import ClientSession
 from car_twisted.ws.channel import WsChannel
 
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from car_twisted.rpc.registry import SpecOptions
+
 __all__ = ["ServerState"]
 
+I = TypeVar("I")  # noqa: E741 (an interface)
 
 
-def _builtin_providers(state: "ServerState") -> Iterable[Any]:
+def _builtin_providers(state: ServerState) -> Iterable[IMethodProvider]:
     # Imported here: the method modules import ServerState for typing only,
     # and keeping the table assembly in one call keeps start-up explicit.
     from car_twisted.methods.agents import AgentMethods
+    from car_twisted.methods.keyvalue import KeyValueMethods
     from car_twisted.methods.policy import PolicyMethods
     from car_twisted.methods.proposal import ProposalMethods
     from car_twisted.methods.runs import RunMethods
     from car_twisted.methods.server import ServerMethods
     from car_twisted.methods.session import SessionMethods
-    from car_twisted.methods.keyvalue import KeyValueMethods
     from car_twisted.methods.tools import ToolMethods
 
     return (
@@ -80,8 +87,8 @@ class ServerState:
         )
         # The supervisor knows every agent's token; an embedder may bring
         # its own identities instead.
-        self.agent_identities = config.agent_identities or self.agents
-        store = config.run_store or JsonlRunStore(
+        self.agent_identities: IAgentIdentities = config.agent_identities or self.agents
+        store: IRunStore = config.run_store or JsonlRunStore(
             clock, config.paths.home / "runs", fsync=config.run_store_fsync
         )
         self.runs = RunRegistry(clock, store, config.run_complete_grace, config=config)
@@ -108,11 +115,12 @@ class ServerState:
         clock: IReactorTime,
         environ: Mapping[str, str] | None = None,
         **options: Any,
-    ) -> "ServerState":
+    ) -> ServerState:
         """
         The daemon's defaults, from the environment (``CAR_HOME``,
         ``CAR_NO_AUTH``, ``CAR_AUTH_TOKEN``, ``CAR_HANDLER_TIMEOUT``) and
-        the ``ServerStateConfig.from_environ`` keyword options.
+        the ``ServerStateConfig.from_environ`` keyword options (passed
+        through to it; attrs checks the config fields).
         """
         env = os.environ if environ is None else environ
         return cls(ServerStateConfig.from_environ(env, **options), clock)
@@ -124,7 +132,7 @@ class ServerState:
     # -- methods -----------------------------------------------------------
 
     def register_method(
-        self, name: str, handler: Any, params: type | None = None, **kwargs: Any
+        self, name: str, handler: Handler, params: type[AttrsInstance] | None = None, **kwargs: Unpack[SpecOptions]
     ) -> MethodSpec:
         """Add (or replace) a JSON-RPC method; see ``MethodSpec``."""
         spec = MethodSpec(name=name, handler=handler, params=params, **kwargs)
@@ -139,11 +147,13 @@ class ServerState:
 
     # -- components --------------------------------------------------------
 
-    def component(self, obj: Any, iface: type[Interface], default: Any = None) -> Any:
+    def component(self, obj: object, iface: type[I], default: I | None = None) -> I | None:
         """Adapt C{obj} to C{iface} through this daemon's own registry."""
-        if iface.providedBy(obj):
-            return obj
-        return self.components.queryAdapter(obj, iface, "", default)
+        if iface.providedBy(obj):  # type: ignore[attr-defined]  # an interface, which mypy sees as a class
+            return obj  # type: ignore[return-value]  # it provides iface
+        # zope copies its lookup methods onto the registry at run time.
+        adapted: I | None = self.components.queryAdapter(obj, iface, "", default)  # type: ignore[attr-defined]
+        return adapted
 
     # -- sessions ----------------------------------------------------------
 

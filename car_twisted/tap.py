@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any
 
+from twisted.internet.interfaces import IReactorTime
 from twisted.python import usage
 
 from car_twisted._reactor import maybe_global_reactor
 from car_twisted.config import parse_limit
+from car_twisted.daemon import DEFAULT_TCP_PORT, EXIT_CONFIG, CarDaemonService, make_daemon_service
 from car_twisted.paths import ConfigError
-from car_twisted.daemon import DEFAULT_TCP_PORT, EXIT_CONFIG, make_daemon_service
 from car_twisted.state import ServerState
 
 __all__ = ["Options", "makeService", "EXIT_CONFIG"]
@@ -80,10 +80,10 @@ class Options(usage.Options):
             ServerStateConfig.from_environ(environ, **self.config_kwargs)
         except ConfigError as e:
             sys.stderr.write(f"twist car: {e}\n")
-            raise SystemExit(EXIT_CONFIG)
+            raise SystemExit(EXIT_CONFIG) from None
 
 
-def makeService(options: Options, reactor: Any = None) -> Any:
+def makeService(options: Options, reactor: IReactorTime | None = None) -> CarDaemonService:
     reactor = maybe_global_reactor(reactor)
     state = ServerState.standalone(reactor, **getattr(options, "config_kwargs", {}))
     return make_daemon_service(

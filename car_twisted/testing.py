@@ -9,13 +9,14 @@ Both are verified against their interfaces by the project's own tests.
 from __future__ import annotations
 
 import json
-from typing import Any, Callable
+from collections.abc import Callable
 
 from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import implementer
 
 from car_twisted.interfaces import IToolExecutor, IWsSink
 from car_twisted.proposal.ir import ToolCall, ToolError
+from car_twisted.rpc.envelope import JsonValue
 
 __all__ = ["MemorySink", "FakeToolExecutor"]
 
@@ -47,11 +48,11 @@ class MemorySink:
             self.closed_with = (code, reason)
             self.writable = False
 
-    def messages(self) -> list[Any]:
+    def messages(self) -> list[JsonValue]:
         """Every text frame so far, decoded."""
         return [json.loads(f) for f in self.frames]
 
-    def pop(self) -> list[Any]:
+    def pop(self) -> list[JsonValue]:
         """Decoded frames since the last pop."""
         out = self.messages()
         self.frames.clear()
@@ -68,16 +69,16 @@ class FakeToolExecutor:
 
     supports_detached = False
 
-    def __init__(self, tools: dict[str, Callable[[ToolCall], Any]] | None = None) -> None:
+    def __init__(self, tools: dict[str, Callable[[ToolCall], JsonValue]] | None = None) -> None:
         self.tools = dict(tools or {})
         self.calls: list[ToolCall] = []
         self.hold: set[str] = set()
-        self.held: dict[str, Deferred] = {}
+        self.held: dict[str, Deferred[JsonValue]] = {}
 
-    def execute(self, call: ToolCall) -> Deferred:
+    def execute(self, call: ToolCall) -> Deferred[JsonValue]:
         self.calls.append(call)
         if call.tool in self.hold:
-            d: Deferred = Deferred()
+            d: Deferred[JsonValue] = Deferred()
             self.held[call.action_id] = d
             return d
         tool = self.tools.get(call.tool)

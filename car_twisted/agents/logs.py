@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
 
 import attrs
 
@@ -90,9 +89,11 @@ def tail(path: Path, n: int, offset: int, ceiling: int = TAIL_CEILING_BYTES) -> 
     return StreamTail(tuple(lines[begin:end]), total, truncated or begin > 0)
 
 
-def tail_streams(paths: dict[str, Path], streams: tuple[str, ...], n: int, offset: int) -> dict[str, Any]:
+def tail_streams(paths: dict[str, Path], streams: tuple[str, ...], n: int, offset: int) -> dict[str, object]:
     """The ``agents.tail_log`` result for the C{streams} asked for."""
-    out: dict[str, Any] = {"lines": [], "stdout": [], "stderr": [], "more": False}
+    lines: list[str] = []
+    more = False
+    out: dict[str, object] = {"lines": lines, "stdout": [], "stderr": [], "more": more}
     for name in ("stdout", "stderr"):
         path = paths[name]
         out[f"{name}_path"] = str(path)
@@ -100,8 +101,9 @@ def tail_streams(paths: dict[str, Path], streams: tuple[str, ...], n: int, offse
             t = tail(path, n, offset)
             out[name] = list(t.lines)
             out[f"{name}_total"] = t.total
-            out["more"] = out["more"] or t.more
-            out["lines"].extend(t.lines)
+            more = more or t.more
+            lines.extend(t.lines)
         else:
             out[f"{name}_total"] = 0
+    out["more"] = more
     return out

@@ -20,13 +20,15 @@ import os
 import re
 import shutil
 import stat
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import cast
 
 import attrs
 
 from car_twisted.errors import InvalidParams
 from car_twisted.private_files import read_private
+from car_twisted.rpc.envelope import JsonValue
 
 __all__ = [
     "AgentSpec",
@@ -72,7 +74,7 @@ class AgentSpec:
     interpreter: str | None = None
     capabilities: tuple[str, ...] = ()
 
-    def to_wire(self) -> dict[str, Any]:
+    def to_wire(self) -> dict[str, object]:
         return {
             "id": self.id,
             "name": self.name,
@@ -95,7 +97,7 @@ class ManifestEntry:
     token: str = attrs.field(repr=False)
 
 
-def launch_fields(spec: AgentSpec) -> tuple[Any, ...]:
+def launch_fields(spec: AgentSpec) -> tuple[str, tuple[str, ...], dict[str, str], str | None]:
     """What decides which program runs and how: a change rotates the token."""
     return (spec.command, spec.args, dict(spec.env), spec.cwd)
 
@@ -213,14 +215,14 @@ def spec_problem(spec: AgentSpec) -> str | None:
     return None
 
 
-def check_agent_id(agent_id: Any, field: str = "id") -> str:
+def check_agent_id(agent_id: JsonValue, field: str = "id") -> str:
     """An agent id: a filename-safe string (it names files and directories)."""
     if type(agent_id) is not str or not _ID.match(agent_id) or agent_id in (".", ".."):
         raise InvalidParams(field, "must be filename-safe: letters, digits, '-', '_' and '.'; at most 64")
     return agent_id
 
 
-def _string(raw: Mapping[str, Any], key: str, max_len: int, required: bool = False) -> str | None:
+def _string(raw: Mapping[str, JsonValue], key: str, max_len: int, required: bool = False) -> str | None:
     value = raw.get(key)
     if value is None:
         if required:
@@ -231,7 +233,7 @@ def _string(raw: Mapping[str, Any], key: str, max_len: int, required: bool = Fal
     return value
 
 
-def _strings(raw: Mapping[str, Any], key: str, max_items: int) -> tuple[str, ...]:
+def _strings(raw: Mapping[str, JsonValue], key: str, max_items: int) -> tuple[str, ...]:
     value = raw.get(key)
     if value is None:
         return ()
@@ -240,10 +242,10 @@ def _strings(raw: Mapping[str, Any], key: str, max_items: int) -> tuple[str, ...
     for i, item in enumerate(value):
         if type(item) is not str or len(item) > 4096 or "\0" in item:
             raise InvalidParams(f"{key}[{i}]", "expected a string of at most 4096 characters")
-    return tuple(value)
+    return tuple(cast("list[str]", value))  # every item checked above
 
 
-def parse_agent_spec(raw: Any, environ: Mapping[str, str]) -> AgentSpec:
+def parse_agent_spec(raw: JsonValue, environ: Mapping[str, str]) -> AgentSpec:
     """
     Validate an ``agents.upsert`` spec; resolve ``interpreter``.
 
@@ -295,7 +297,7 @@ def parse_agent_spec(raw: Any, environ: Mapping[str, str]) -> AgentSpec:
     if max_restarts is not None and (type(max_restarts) is not int or not 0 <= max_restarts <= 10_000):
         raise InvalidParams("max_restarts", "expected an integer from 0 to 10000, or null for no limit")
     backoff = raw.get("backoff_secs", 1.0)
-    if type(backoff) not in (int, float) or not 0.1 <= backoff <= 3600:
+    if (type(backoff) is not int and type(backoff) is not float) or not 0.1 <= backoff <= 3600:
         raise InvalidParams("backoff_secs", "expected a number of seconds from 0.1 to 3600")
     auto_start = raw.get("auto_start", False)
     if type(auto_start) is not bool:
@@ -306,7 +308,7 @@ def parse_agent_spec(raw: Any, environ: Mapping[str, str]) -> AgentSpec:
         command=command,
         args=_strings(raw, "args", 256),
         cwd=cwd,
-        env=dict(env),
+        env=dict(cast("dict[str, str]", env)),  # every value checked above
         restart=restart,
         max_restarts=max_restarts,
         backoff_secs=float(backoff),
@@ -354,7 +356,7 @@ def save_manifest(path: Path, entries: list[ManifestEntry]) -> None:
     write_secret_file(path, json.dumps(body, indent=2, sort_keys=True))
 
 
-def store_installed(home: Path, agent_id: str, manifest: Mapping[str, Any]) -> Path:
+def store_installed(home: Path, agent_id: str, manifest: Mapping[str, JsonValue]) -> Path:
     """
     Write an installed agent's manifest to
     ``<home>/agents/<id>/manifest.json`` (atomic, 0600).

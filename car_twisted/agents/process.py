@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import os
 import signal
-from typing import Any, Callable
+from collections.abc import Callable
 
 from twisted.internet.error import ProcessExitedAlready
+from twisted.internet.interfaces import IProcessTransport
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from car_twisted.agents.logs import AgentLog
 
@@ -67,7 +69,7 @@ def wrapper_argv(python: str, command: str, args: tuple[str, ...] | list[str]) -
     return [python, "-I", "-S", "-c", EXEC_WRAPPER, command, *args]
 
 
-def signal_group(killpg: Callable[[int, int], None], pgid: int, process: Any, name: str) -> None:
+def signal_group(killpg: Callable[[int, int], None], pgid: int, process: IProcessTransport, name: str) -> None:
     """
     Send SIGTERM or SIGKILL (C{name} ``"TERM"`` / ``"KILL"``) to the
     agent's whole process group C{pgid}; to the process alone while the
@@ -96,7 +98,7 @@ def kill_group(killpg: Callable[[int, int], None], pgid: int) -> None:
         _log.warn("cannot kill process group {pgid}: {error}", pgid=pgid, error=e.strerror)
 
 
-def exit_code_of(reason: Any) -> int:
+def exit_code_of(reason: Failure) -> int:
     """A process-exit failure as one number: the status, or minus the signal."""
     value = reason.value
     code = getattr(value, "exitCode", None)
@@ -114,12 +116,14 @@ class AgentProcess(ProcessProtocol):
     """
 
     _log = Logger()
+    # Set before connectionMade (Twisted's types allow None).
+    transport: IProcessTransport
 
     def __init__(
         self,
         agent_id: str,
         logs: dict[str, AgentLog],
-        on_exit: Callable[["AgentProcess", int], None],
+        on_exit: Callable[[AgentProcess, int], None],
         kill_group: Callable[[int], None],
     ) -> None:
         self.agent_id = agent_id
@@ -144,7 +148,7 @@ class AgentProcess(ProcessProtocol):
     def errReceived(self, data: bytes) -> None:
         self._write("stderr", data)
 
-    def processExited(self, reason: Any) -> None:
+    def processExited(self, reason: Failure) -> None:
         code = exit_code_of(reason)
         # Whatever the agent started dies with it: nothing of a stopped
         # agent keeps running, or keeps its pipes (and this protocol) open.
@@ -183,6 +187,6 @@ class AgentProcess(ProcessProtocol):
     def errConnectionLost(self) -> None:
         self.logs["stderr"].close()
 
-    def processEnded(self, reason: Any) -> None:
+    def processEnded(self, reason: Failure) -> None:
         for log in self.logs.values():
             log.close()

@@ -17,12 +17,15 @@ from __future__ import annotations
 import fcntl
 import os
 import sys
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, cast
 
 import attrs
 from twisted.internet.defer import Deferred, DeferredList, TimeoutError, succeed
+from twisted.internet.interfaces import IDelayedCall, IProcessTransport, IReactorProcess, IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from car_twisted._util import iso_utc, off_reactor
@@ -43,8 +46,17 @@ from car_twisted.auth import mint_token, tokens_equal, write_secret_file
 from car_twisted.errors import AgentAlreadyAttached, InvalidParams, RpcError
 from car_twisted.interfaces import IAgentIdentities
 from car_twisted.private_files import UnsafeStateError, ensure_private_dir, open_private, read_private
+from car_twisted.rpc.envelope import JsonValue
 
-__all__ = ["Supervisor", "STATUSES"]
+if TYPE_CHECKING:
+    from car_twisted.session import ClientSession
+
+__all__ = ["Supervisor", "STATUSES", "ManagedAgent", "HealthReport"]
+
+#: An agent as ``agents.*`` answers it (``Supervisor.managed``).
+ManagedAgent = dict[str, object]
+#: ``agents.health``: one ``{id, command, ok, reason?}`` per agent.
+HealthReport = list[dict[str, object]]
 
 STATUSES = ("stopped", "starting", "running", "backoff", "errored")
 MAX_BACKOFF_SECS = 300.0
@@ -68,13 +80,13 @@ class _Agent:
     restart_count: int = 0
     quick_failures: int = 0
     started_at: float | None = None
-    process: Any = None
-    protocol: Any = None
-    restart_timer: Any = None
-    kill_timer: Any = None
+    process: IProcessTransport | None = None
+    protocol: AgentProcess | None = None
+    restart_timer: IDelayedCall | None = None
+    kill_timer: IDelayedCall | None = None
     stopping: bool = False
     blocked_by_pid: int | None = None
-    exit_waiters: list[Deferred] = attrs.field(factory=list)
+    exit_waiters: list[Deferred[None]] = attrs.field(factory=list)
 
     @property
     def spec(self) -> AgentSpec:
@@ -87,7 +99,7 @@ class Supervisor:
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: IReactorTime,
         home: Path,
         environ: Mapping[str, str] | None = None,
         stop_grace: float = DEFAULT_STOP_GRACE_SECS,
@@ -110,8 +122,8 @@ class Supervisor:
         self.daemon_url: str | None = None
         self.observer = False
         self._agents: dict[str, _Agent] = {}
-        self._attached: dict[str, Any] = {}
-        self._waiters: list[tuple[str, frozenset, Deferred]] = []
+        self._attached: dict[str, ClientSession] = {}
+        self._waiters: list[tuple[str, frozenset[str], Deferred[ManagedAgent]]] = []
         self._loaded = False
         self._closing = False
         self._lock_fd: int | None = None
@@ -173,7 +185,7 @@ class Supervisor:
 
     # -- views ---------------------------------------------------------------------
 
-    def managed(self, agent: _Agent) -> dict[str, Any]:
+    def managed(self, agent: _Agent) -> ManagedAgent:
         session = self._attached.get(agent.spec.id)
         return {
             "id": agent.spec.id,
@@ -188,16 +200,16 @@ class Supervisor:
             **({"blocked_by_pid": agent.blocked_by_pid} if agent.blocked_by_pid is not None else {}),
         }
 
-    def list(self) -> list[dict[str, Any]]:
+    def list(self) -> list[ManagedAgent]:
         self.load()
         return [self.managed(a) for a in sorted(self._agents.values(), key=lambda a: a.spec.id)]
 
-    def health(self) -> list[dict[str, Any]]:
+    def health(self) -> HealthReport:
         self.load()
         out = []
         for agent in sorted(self._agents.values(), key=lambda a: a.spec.id):
             problem = spec_problem(agent.spec)
-            entry = {"id": agent.spec.id, "command": agent.spec.command, "ok": problem is None}
+            entry: dict[str, object] = {"id": agent.spec.id, "command": agent.spec.command, "ok": problem is None}
             if problem is not None:
                 entry["reason"] = problem
             out.append(entry)
@@ -205,7 +217,7 @@ class Supervisor:
 
     # -- manifest changes --------------------------------------------------------------
 
-    def upsert(self, spec: AgentSpec) -> Deferred:
+    def upsert(self, spec: AgentSpec) -> Deferred[ManagedAgent]:
         """
         Create or update an agent; fires with its ``ManagedAgent``.
 
@@ -246,7 +258,7 @@ class Supervisor:
             return succeed(self.managed(agent))
         self._log.info("agent {agent_id} restarts with its new spec", agent_id=spec.id)
 
-        def start_again(_: Any) -> dict[str, Any]:
+        def start_again(_: None) -> ManagedAgent:
             if self._agents.get(spec.id) is not agent:
                 return self.managed(agent)  # removed meanwhile
             return self.start(spec.id)
@@ -265,21 +277,21 @@ class Supervisor:
         )
         session.disconnect(*ROTATED_CLOSE)
 
-    def store_manifest(self, agent_id: str, manifest: Mapping[str, Any]) -> Path:
+    def store_manifest(self, agent_id: str, manifest: Mapping[str, JsonValue]) -> Path:
         """Keep the manifest of an installed agent that names no command."""
         self._owner()
         path = store_installed(self.home, agent_id, manifest)
         self._log.info("agent {agent_id} installed as data ({path})", agent_id=agent_id, path=str(path))
         return path
 
-    def remove(self, agent_id: str) -> Deferred:
+    def remove(self, agent_id: str) -> Deferred[dict[str, bool]]:
         self._owner()
         agent = self._agents.get(agent_id)
         if agent is None:
             return succeed({"removed": False})
         d = self._stop(agent, "term")
 
-        def forget(_: Any) -> dict[str, Any]:
+        def forget(_: None) -> dict[str, bool]:
             if self._agents.get(agent_id) is agent:
                 del self._agents[agent_id]
                 self._save()
@@ -290,7 +302,7 @@ class Supervisor:
 
     # -- lifecycle ---------------------------------------------------------------------
 
-    def start(self, agent_id: str) -> dict[str, Any]:
+    def start(self, agent_id: str) -> ManagedAgent:
         self._owner()
         agent = self._get(agent_id)
         if agent.status in ("running", "starting"):
@@ -301,12 +313,12 @@ class Supervisor:
         self._spawn(agent)
         return self.managed(agent)
 
-    def stop(self, agent_id: str, signal: str = "term") -> Deferred:
+    def stop(self, agent_id: str, signal: str = "term") -> Deferred[ManagedAgent]:
         self._owner()
         agent = self._get(agent_id)
         return self._stop(agent, signal).addCallback(lambda _: self.managed(agent))
 
-    def restart(self, agent_id: str) -> Deferred:
+    def restart(self, agent_id: str) -> Deferred[ManagedAgent]:
         self._owner()
         agent = self._get(agent_id)
         return self._stop(agent, "term").addCallback(lambda _: self.start(agent_id))
@@ -323,7 +335,7 @@ class Supervisor:
                 except Exception:
                     self._log.failure("auto-start of agent {agent_id} failed", agent_id=agent.spec.id)
 
-    def shutdown(self) -> Deferred:
+    def shutdown(self) -> Deferred[None]:
         """
         Stop every child (SIGTERM, then SIGKILL after the grace).  Fires
         once they have all exited, or at the latest the stop grace plus
@@ -333,7 +345,7 @@ class Supervisor:
         # Nothing starts from here on (a restart whose stop ends now, say).
         self._closing = True
         stops = {agent_id: self._stop(a, "term") for agent_id, a in self._agents.items()}
-        done: Deferred = Deferred()
+        done: Deferred[None] = Deferred()
 
         def release() -> None:
             if self._lock_fd is not None:
@@ -351,7 +363,7 @@ class Supervisor:
             )
             release()
 
-        def all_exited(_: Any) -> None:
+        def all_exited(_: object) -> None:
             if timer.active():
                 timer.cancel()
             release()
@@ -424,7 +436,8 @@ class Supervisor:
         try:
             # The wrapper puts the command in its own process group (see
             # ``process``); the agent's argv, env and cwd are unchanged.
-            process = self.reactor.spawnProcess(
+            # The daemon's reactor spawns processes; a test's clock never gets here.
+            process = cast(IReactorProcess, self.reactor).spawnProcess(
                 child,
                 sys.executable,
                 wrapper_argv(sys.executable, spec.command, spec.args),
@@ -446,16 +459,16 @@ class Supervisor:
         self._set(agent, "running")
         self._log.info("agent {agent_id} started (pid {pid})", agent_id=spec.id, pid=agent.pid)
 
-    def _stop(self, agent: _Agent, signal: str) -> Deferred:
+    def _stop(self, agent: _Agent, signal: str) -> Deferred[None]:
         self._cancel_restart(agent)
         if agent.process is None:
             if agent.status == "backoff":
                 self._set(agent, "stopped")
             return succeed(None)
         agent.stopping = True
-        d: Deferred = Deferred()
+        d: Deferred[None] = Deferred()
         agent.exit_waiters.append(d)
-        self._signal(agent, "KILL" if signal == "kill" else "TERM")
+        self._signal(agent, agent.process, "KILL" if signal == "kill" else "TERM")
         if signal != "kill" and agent.kill_timer is None and agent.process is not None:
             agent.kill_timer = self.reactor.callLater(self.stop_grace, self._escalate, agent)
         return d
@@ -468,11 +481,11 @@ class Supervisor:
                 agent_id=agent.spec.id,
                 secs=self.stop_grace,
             )
-            self._signal(agent, "KILL")
+            self._signal(agent, agent.process, "KILL")
 
-    def _signal(self, agent: _Agent, name: str) -> None:
+    def _signal(self, agent: _Agent, process: IProcessTransport, name: str) -> None:
         assert agent.pid is not None
-        signal_group(self._killpg, agent.pid, agent.process, name)
+        signal_group(self._killpg, agent.pid, process, name)
 
     def _kill_group(self, pgid: int) -> None:
         kill_group(self._killpg, pgid)
@@ -549,17 +562,17 @@ class Supervisor:
                 self._waiters.remove(entry)
                 d.callback(self.managed(agent))
 
-    def wait(self, agent_id: str, targets: Iterable[str], timeout: float) -> Deferred:
+    def wait(self, agent_id: str, targets: Iterable[str], timeout: float) -> Deferred[ManagedAgent]:
         """Fire with the agent once its status is in C{targets} (event-driven)."""
         agent = self._get(agent_id)
         wanted = frozenset(targets)
         if agent.status in wanted:
             return succeed(self.managed(agent))
-        d: Deferred = Deferred()
+        d: Deferred[ManagedAgent] = Deferred()
         entry = (agent_id, wanted, d)
         self._waiters.append(entry)
 
-        def expired(failure: Any) -> Any:
+        def expired(failure: Failure) -> Failure:
             if entry in self._waiters:
                 self._waiters.remove(entry)
             if failure.check(TimeoutError):
@@ -571,7 +584,7 @@ class Supervisor:
 
         return d.addTimeout(timeout, self.reactor).addErrback(expired)
 
-    def tail_log(self, agent_id: str, streams: tuple[str, ...], n: int, offset: int) -> Deferred:
+    def tail_log(self, agent_id: str, streams: tuple[str, ...], n: int, offset: int) -> Deferred[dict[str, object]]:
         self._get(agent_id)
         paths = {name: self.log_path(agent_id, name) for name in ("stdout", "stderr")}
         return off_reactor(self.reactor, tail_streams, paths, streams, n, offset)
@@ -585,13 +598,13 @@ class Supervisor:
         expected = agent.entry.token if agent is not None else self._dummy_token
         return tokens_equal(token, expected) and agent is not None
 
-    def attach(self, agent_id: str, session: Any) -> None:
+    def attach(self, agent_id: str, session: ClientSession) -> None:
         current = self._attached.get(agent_id)
         if current is not None and current is not session and not current.closed:
             raise AgentAlreadyAttached(agent_id)
         self._attached[agent_id] = session
         self._log.info("agent {agent_id} attached as {client_id}", agent_id=agent_id, client_id=session.client_id)
 
-    def detach(self, agent_id: str, session: Any) -> None:
+    def detach(self, agent_id: str, session: ClientSession) -> None:
         if self._attached.get(agent_id) is session:
             del self._attached[agent_id]

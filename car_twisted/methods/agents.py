@@ -19,19 +19,25 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, cast
 
 import attrs
-from twisted.internet.defer import maybeDeferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from zope.interface import implementer
 
 from car_twisted._version import __version__
-from car_twisted.agents.manifest import check_agent_id, parse_agent_spec
-from car_twisted.agents.supervisor import STATUSES
+from car_twisted.agents.manifest import AgentSpec, check_agent_id, parse_agent_spec
+from car_twisted.agents.supervisor import STATUSES, HealthReport, ManagedAgent, Supervisor
 from car_twisted.errors import Forbidden, InvalidParams
 from car_twisted.interfaces import IMethodProvider
+from car_twisted.proposal.ir import JsonObject
+from car_twisted.rpc.envelope import JsonValue
 from car_twisted.rpc.registry import MethodSpec
 from car_twisted.session import ClientSession
+
+if TYPE_CHECKING:
+    from car_twisted.state import ServerState
 
 __all__ = ["AgentMethods", "version_satisfies", "TRANSPORT_KINDS"]
 
@@ -43,6 +49,9 @@ _LIFECYCLE_KEYS = ("restart", "max_restarts", "backoff_secs", "auto_start")
 _VERSION = re.compile(r"^v?(\d+(?:\.\d+)*)$")
 _REQUIREMENT = re.compile(r"^(>=|<=|>|<|==|=)?\s*(\S+)$")
 _CAPABILITY_LIMIT = 64
+# (Aliases: ``list`` is a method name inside AgentMethods.)
+ManagedAgents = list[ManagedAgent]
+MissingFeatures = list[dict[str, str | None]]
 
 
 @attrs.frozen
@@ -75,11 +84,11 @@ class TailParams:
 
 @implementer(IMethodProvider)
 class AgentMethods:
-    def __init__(self, state: Any) -> None:
+    def __init__(self, state: ServerState) -> None:
         self.state = state
 
     @property
-    def supervisor(self) -> Any:
+    def supervisor(self) -> Supervisor:
         return self.state.agents
 
     def methods(self) -> Iterable[MethodSpec]:
@@ -96,33 +105,33 @@ class AgentMethods:
             MethodSpec("agents.tail_log", self.tail_log, params=TailParams, description="The end of an agent's stdout/stderr."),
         )
 
-    def list(self, session: ClientSession, params: Any) -> list[dict[str, Any]]:
+    def list(self, session: ClientSession, params: JsonValue) -> ManagedAgents:
         return self.supervisor.list()
 
-    def upsert(self, session: ClientSession, params: Any) -> Any:
+    def upsert(self, session: ClientSession, params: JsonValue) -> Deferred[ManagedAgent]:
         _need_host(session, "agents.upsert")
         spec = parse_agent_spec(params, os.environ)
         return self.supervisor.upsert(spec)
 
-    def health(self, session: ClientSession, params: Any) -> list[dict[str, Any]]:
+    def health(self, session: ClientSession, params: JsonValue) -> HealthReport:
         return self.supervisor.health()
 
-    def remove(self, session: ClientSession, p: IdParams) -> Any:
+    def remove(self, session: ClientSession, p: IdParams) -> Deferred[dict[str, bool]]:
         _need_host(session, "agents.remove")
         return self.supervisor.remove(p.id)
 
-    def start(self, session: ClientSession, p: IdParams) -> dict[str, Any]:
+    def start(self, session: ClientSession, p: IdParams) -> ManagedAgent:
         return self.supervisor.start(p.id)
 
-    def stop(self, session: ClientSession, p: StopParams) -> Any:
+    def stop(self, session: ClientSession, p: StopParams) -> Deferred[ManagedAgent]:
         if p.signal not in ("term", "kill"):
             raise InvalidParams("signal", "expected term or kill")
         return self.supervisor.stop(p.id, p.signal)
 
-    def restart(self, session: ClientSession, p: IdParams) -> Any:
+    def restart(self, session: ClientSession, p: IdParams) -> Deferred[ManagedAgent]:
         return self.supervisor.restart(p.id)
 
-    def wait(self, session: ClientSession, p: WaitParams) -> Any:
+    def wait(self, session: ClientSession, p: WaitParams) -> Deferred[ManagedAgent]:
         targets = tuple(p.targets) if p.targets is not None else ("running",)
         bad = [t for t in targets if t not in STATUSES]
         if bad or not targets:
@@ -131,7 +140,7 @@ class AgentMethods:
             raise InvalidParams("timeout_secs", "expected 0 to 3600 seconds")
         return self.supervisor.wait(p.id, targets, p.timeout_secs)
 
-    def tail_log(self, session: ClientSession, p: TailParams) -> Any:
+    def tail_log(self, session: ClientSession, p: TailParams) -> Deferred[dict[str, object]]:
         if session.agent_only and p.id != session.agent_id:
             raise Forbidden(
                 f"a connection bound to agent {session.agent_id!r} reads only that agent's log "
@@ -149,7 +158,7 @@ class AgentMethods:
 
     # -- agents.install ------------------------------------------------------------
 
-    def install(self, session: ClientSession, params: Any) -> Any:
+    def install(self, session: ClientSession, params: JsonValue) -> dict[str, object] | Deferred[dict[str, object]]:
         """
         Install an agent from its manifest ``{agent, transport, runtime?,
         capabilities?}``: check the daemon's version and methods against
@@ -167,7 +176,7 @@ class AgentMethods:
         if type(transport) is not dict or transport.get("kind") not in TRANSPORT_KINDS:
             raise InvalidParams("transport", "expected an object with kind " + " or ".join(TRANSPORT_KINDS))
         _check_runtime(params.get("runtime"))
-        report = {"missingOptional": self._check_capabilities(params.get("capabilities"))}
+        report: dict[str, object] = {"missingOptional": self._check_capabilities(params.get("capabilities"))}
         launch = _launch_table(transport)
         if launch is None:
             self.supervisor.store_manifest(agent_id, params)
@@ -177,7 +186,7 @@ class AgentMethods:
             lambda managed: {"report": report, "agent": managed}
         )
 
-    def _check_capabilities(self, raw: Any) -> list[dict[str, Any]]:
+    def _check_capabilities(self, raw: JsonValue) -> MissingFeatures:
         """
         Fail on a required namespace the daemon serves no method of; list
         the features of missing optional namespaces.
@@ -195,11 +204,11 @@ class AgentMethods:
                     f"capabilities.required.{namespace}",
                     f"this daemon serves no {namespace}.* method{wanted}",
                 )
-        missing = []
+        missing: MissingFeatures = []
         for namespace, features in _capability_table(raw, "optional").items():
             if namespace not in served:
                 # A namespace asked for as a whole is reported as such.
-                missing.extend({"namespace": namespace, "feature": f} for f in features or [None])
+                missing.extend({"namespace": namespace, "feature": f} for f in (features or (None,)))
         return missing
 
 
@@ -208,7 +217,7 @@ def _need_host(session: ClientSession, method: str) -> None:
         raise Forbidden(f"{method} needs the host role (session.auth with the host token)")
 
 
-def _capability_table(raw: Mapping[str, Any], key: str) -> dict[str, list[str]]:
+def _capability_table(raw: Mapping[str, JsonValue], key: str) -> dict[str, list[str]]:
     table = raw.get(key) or {}
     field = f"capabilities.{key}"
     if type(table) is not dict or len(table) > _CAPABILITY_LIMIT:
@@ -222,10 +231,10 @@ def _capability_table(raw: Mapping[str, Any], key: str) -> dict[str, list[str]]:
             or any(type(f) is not str or not f or len(f) > 256 for f in features)
         ):
             raise InvalidParams(f"{field}.{namespace}", "expected an array of feature names")
-    return table
+    return cast("dict[str, list[str]]", table)  # every entry checked above
 
 
-def _launch_table(transport: Mapping[str, Any]) -> Mapping[str, Any] | None:
+def _launch_table(transport: Mapping[str, JsonValue]) -> Mapping[str, JsonValue] | None:
     """
     Where an external process's command, args, env and cwd are: the
     ``external_process`` sub-object if given, else ``transport`` itself.
@@ -242,15 +251,20 @@ def _launch_table(transport: Mapping[str, Any]) -> Mapping[str, Any] | None:
     return launch
 
 
-def _install_spec(agent_id: str, agent: Mapping[str, Any], launch: Mapping[str, Any], lifecycle: Any) -> Any:
+def _install_spec(
+    agent_id: str, agent: Mapping[str, JsonValue], launch: Mapping[str, JsonValue], lifecycle: JsonValue
+) -> AgentSpec:
     """The ``agents.upsert`` spec an installed external process stands for."""
-    if lifecycle is not None and type(lifecycle) is not dict:
-        raise InvalidParams("lifecycle", "expected an object")
-    raw: dict[str, Any] = {"id": agent_id}
+    given: JsonObject = {}
+    if lifecycle is not None:
+        if type(lifecycle) is not dict:
+            raise InvalidParams("lifecycle", "expected an object")
+        given = lifecycle
+    raw: JsonObject = {"id": agent_id}
     if agent.get("name") is not None:
         raw["name"] = agent["name"]
     raw.update((k, launch[k]) for k in _LAUNCH_KEYS if launch.get(k) is not None)
-    raw.update((k, lifecycle[k]) for k in _LIFECYCLE_KEYS if lifecycle and k in lifecycle)
+    raw.update((k, given[k]) for k in _LIFECYCLE_KEYS if given and k in given)
     try:
         return parse_agent_spec(raw, os.environ)
     except InvalidParams as e:
@@ -296,7 +310,7 @@ def version_satisfies(version: str, requirement: str) -> bool:
     return True
 
 
-def _check_runtime(raw: Any) -> None:
+def _check_runtime(raw: JsonValue) -> None:
     if raw is None:
         return
     if type(raw) is not dict:

@@ -9,16 +9,21 @@ costs no decode and no re-encode.
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import attrs
 import orjson
 from zope.interface import implementer
 
 from car_twisted.interfaces import IMethodProvider
+from car_twisted.rpc.envelope import JsonValue
 from car_twisted.rpc.registry import MethodSpec
-from car_twisted.runtime import runtime_of
+from car_twisted.runtime import KeyValueView, runtime_of
 from car_twisted.session import ClientSession
+
+if TYPE_CHECKING:
+    from car_twisted.state import ServerState
 
 __all__ = ["KeyValueMethods"]
 
@@ -35,7 +40,7 @@ class KeyParams:
 @attrs.frozen
 class SetParams:
     key: str = attrs.field(metadata=_KEY)
-    value: Any = None
+    value: JsonValue = None
     tenant_id: str | None = attrs.field(default=None, metadata=_TENANT)
 
 
@@ -46,7 +51,7 @@ class TenantParams:
 
 @implementer(IMethodProvider)
 class KeyValueMethods:
-    def __init__(self, state: Any) -> None:
+    def __init__(self, state: ServerState) -> None:
         self.state = state
 
     def methods(self) -> Iterable[MethodSpec]:
@@ -59,10 +64,10 @@ class KeyValueMethods:
         )
 
     @staticmethod
-    def _view(session: ClientSession, tenant_id: str | None) -> Any:
+    def _view(session: ClientSession, tenant_id: str | None) -> KeyValueView:
         return runtime_of(session).keyvalue.view(tenant_id or None)
 
-    def get(self, session: ClientSession, p: KeyParams) -> Any:
+    def get(self, session: ClientSession, p: KeyParams) -> orjson.Fragment | None:
         encoded = self._view(session, p.tenant_id).get_encoded(p.key)
         return None if encoded is None else orjson.Fragment(encoded)
 
@@ -76,5 +81,5 @@ class KeyValueMethods:
     def keys(self, session: ClientSession, p: TenantParams) -> list[str]:
         return self._view(session, p.tenant_id).keys()
 
-    def snapshot(self, session: ClientSession, p: TenantParams) -> dict[str, Any]:
+    def snapshot(self, session: ClientSession, p: TenantParams) -> dict[str, orjson.Fragment]:
         return {key: orjson.Fragment(encoded) for key, encoded in self._view(session, p.tenant_id).encoded_items()}

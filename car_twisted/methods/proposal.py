@@ -10,19 +10,24 @@ daemon's default handler deadline.
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import attrs
-from twisted.internet.defer import ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred
 from zope.interface import implementer
 
 from car_twisted.errors import InvalidParams, RpcError
 from car_twisted.interfaces import IMethodProvider, IToolExecutor
 from car_twisted.proposal.engine import ProposalEngine
-from car_twisted.proposal.ir import DEFAULT_MAX_RETRIES, parse_proposal
+from car_twisted.proposal.ir import DEFAULT_MAX_RETRIES, JsonObject, ProposalResult, parse_proposal
+from car_twisted.rpc.envelope import JsonValue
 from car_twisted.rpc.registry import MethodSpec
 from car_twisted.runtime import runtime_of
 from car_twisted.session import ClientSession
+
+if TYPE_CHECKING:
+    from car_twisted.state import ServerState
 
 __all__ = ["ProposalMethods", "PROPOSAL_DEADLINE_GRACE_SECS"]
 
@@ -31,12 +36,12 @@ PROPOSAL_DEADLINE_GRACE_SECS = 15.0
 
 @attrs.frozen
 class SubmitParams:
-    proposal: dict
+    proposal: JsonObject
     session_id: str | None = attrs.field(default=None, metadata={"max_len": 256})
-    scope: dict | None = None
+    scope: JsonObject | None = None
 
 
-def _budget_ms(action: Any, default_ms: int) -> float:
+def _budget_ms(action: JsonValue, default_ms: int) -> float:
     if type(action) is not dict:
         return 0.0
     timeout = action.get("timeout_ms")
@@ -50,7 +55,7 @@ def _budget_ms(action: Any, default_ms: int) -> float:
 
 @implementer(IMethodProvider)
 class ProposalMethods:
-    def __init__(self, state: Any) -> None:
+    def __init__(self, state: ServerState) -> None:
         self.state = state
 
     def methods(self) -> Iterable[MethodSpec]:
@@ -72,7 +77,7 @@ class ProposalMethods:
         total_ms = sum(_budget_ms(a, config.tool_timeout_ms) for a in actions[:1000])
         return max(config.handler_timeout, total_ms / 1000.0 + PROPOSAL_DEADLINE_GRACE_SECS)
 
-    def submit(self, session: ClientSession, p: SubmitParams) -> Any:
+    def submit(self, session: ClientSession, p: SubmitParams) -> Deferred[ProposalResult]:
         proposal = parse_proposal(p.proposal)
         runtime = runtime_of(session)
         if runtime.halted is not None:
@@ -83,9 +88,11 @@ class ProposalMethods:
             )
         tenant = None
         if p.scope is not None:
-            tenant = p.scope.get("tenantId", p.scope.get("tenant_id"))
-            if tenant is not None and (type(tenant) is not str or len(tenant) > 256):
-                raise InvalidParams("scope.tenantId", "expected a string")
+            named = p.scope.get("tenantId", p.scope.get("tenant_id"))
+            if named is not None:
+                if type(named) is not str or len(named) > 256:
+                    raise InvalidParams("scope.tenantId", "expected a string")
+                tenant = named
         policies = runtime.policies_in_force(p.session_id)
         engine = ProposalEngine(
             clock=self.state.clock,
@@ -95,7 +102,7 @@ class ProposalMethods:
             policies=policies,
             session_id=p.session_id,
         )
-        def finish(result: Any) -> Any:
+        def finish(result: ProposalResult) -> Deferred[ProposalResult]:
             if result.halted is not None:
                 runtime.halted = result.halted
             # Record into the session's current run before answering, so

@@ -12,16 +12,24 @@ owning agent's connection or the host role.  See
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Coroutine, Iterable
+from typing import TYPE_CHECKING
 
 import attrs
 from zope.interface import implementer
 
 from car_twisted.errors import InvalidParams
 from car_twisted.interfaces import IMethodProvider
-from car_twisted.rpc.envelope import dumps
+from car_twisted.rpc.envelope import JsonValue, dumps
 from car_twisted.rpc.registry import MethodSpec
+from car_twisted.runs.registry import RunRegistry
 from car_twisted.session import ClientSession
+
+if TYPE_CHECKING:
+    from car_twisted.state import ServerState
+
+# What the registry's runs.* coroutines come to: the reply object.
+Reply = Coroutine[object, object, dict[str, object]]
 
 __all__ = ["RunMethods"]
 
@@ -40,7 +48,7 @@ class StartParams:
 @attrs.frozen
 class CompleteParams:
     run_id: str = attrs.field(metadata=_ID)
-    outcome: Any = None
+    outcome: JsonValue = None
 
 
 @attrs.frozen
@@ -61,11 +69,11 @@ class TraceParams:
 
 @implementer(IMethodProvider)
 class RunMethods:
-    def __init__(self, state: Any) -> None:
+    def __init__(self, state: ServerState) -> None:
         self.state = state
 
     @property
-    def runs(self) -> Any:
+    def runs(self) -> RunRegistry:
         return self.state.runs
 
     def methods(self) -> Iterable[MethodSpec]:
@@ -84,28 +92,28 @@ class RunMethods:
             MethodSpec("runs.get_trace", self.get_trace, params=TraceParams, description="A run's stored records, paged."),
         )
 
-    def start(self, session: ClientSession, p: StartParams) -> Any:
+    def start(self, session: ClientSession, p: StartParams) -> Reply:
         return self.runs.start(session, p)
 
-    def record_turns(self, session: ClientSession, params: Any) -> Any:
+    def record_turns(self, session: ClientSession, params: JsonValue) -> Reply:
         raw = params if type(params) is dict else {}
         return self.runs.record(session, raw.get("run_id"), raw.get("turns"))
 
-    def complete(self, session: ClientSession, p: CompleteParams) -> Any:
+    def complete(self, session: ClientSession, p: CompleteParams) -> Reply:
         if p.outcome is not None and len(dumps(p.outcome)) > 64 * 1024:
             raise InvalidParams("outcome", "at most 64 KiB")
         return self.runs.complete(session, p.run_id, p.outcome)
 
-    def subscribe(self, session: ClientSession, p: RunIdParams) -> Any:
+    def subscribe(self, session: ClientSession, p: RunIdParams) -> Reply:
         return self.runs.subscribe(session, p.run_id)
 
-    def unsubscribe(self, session: ClientSession, p: RunIdParams) -> Any:
+    def unsubscribe(self, session: ClientSession, p: RunIdParams) -> dict[str, object]:
         return self.runs.unsubscribe(session, p.run_id)
 
-    def list(self, session: ClientSession, p: ListParams) -> Any:
+    def list(self, session: ClientSession, p: ListParams) -> Reply:
         return self.runs.list(session, p.agent_id)
 
-    def get_trace(self, session: ClientSession, p: TraceParams) -> Any:
+    def get_trace(self, session: ClientSession, p: TraceParams) -> Reply:
         if p.cursor < 0:
             raise InvalidParams("cursor", "expected a non-negative index")
         return self.runs.get_trace(session, p.run_id, p.cursor)

@@ -10,7 +10,8 @@ change of version, or a required capability this daemon lacks answers
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import attrs
 from zope.interface import implementer
@@ -19,9 +20,13 @@ from car_twisted._version import SUPPORTED_PROTOCOL_VERSIONS
 from car_twisted._version import __version__ as SERVER_VERSION
 from car_twisted.errors import ProtocolMismatch, short_repr
 from car_twisted.interfaces import IMethodProvider
+from car_twisted.rpc.envelope import JsonValue
 from car_twisted.rpc.params import describe_params
 from car_twisted.rpc.registry import MethodSpec
 from car_twisted.session import ClientSession
+
+if TYPE_CHECKING:
+    from car_twisted.state import ServerState
 
 __all__ = ["ServerMethods"]
 
@@ -30,15 +35,15 @@ MAX_CAPABILITIES = 256
 
 @attrs.frozen
 class HandshakeParams:
-    # Any: the checks below give -32006, not -32602, for a bad version.
-    protocol_version: Any = None
+    # Whatever JSON: the checks below give -32006, not -32602, for a bad version.
+    protocol_version: JsonValue = None
     client_version: str | None = attrs.field(default=None, metadata={"max_len": 256})
     required_capabilities: list[str] | None = attrs.field(
         default=None, metadata={"max_len": MAX_CAPABILITIES}
     )
 
 
-def _version_number(raw: Any) -> int | None:
+def _version_number(raw: JsonValue) -> int | None:
     if type(raw) is int:
         return raw
     if type(raw) is float and raw.is_integer():
@@ -48,7 +53,7 @@ def _version_number(raw: Any) -> int | None:
 
 @implementer(IMethodProvider)
 class ServerMethods:
-    def __init__(self, state: Any) -> None:
+    def __init__(self, state: ServerState) -> None:
         self.state = state
 
     def methods(self) -> Iterable[MethodSpec]:
@@ -71,7 +76,7 @@ class ServerMethods:
             ),
         )
 
-    def handshake(self, session: ClientSession, p: HandshakeParams) -> dict[str, Any]:
+    def handshake(self, session: ClientSession, p: HandshakeParams) -> dict[str, object]:
         supported = ", ".join(str(v) for v in SUPPORTED_PROTOCOL_VERSIONS)
         if p.protocol_version is None:
             raise ProtocolMismatch(
@@ -112,7 +117,7 @@ class ServerMethods:
             "client_protocol_version": version,
         }
 
-    def capabilities(self, session: ClientSession, params: Any) -> dict[str, Any]:
+    def capabilities(self, session: ClientSession, params: JsonValue) -> dict[str, object]:
         names = self.state.methods.names()
         return {
             "server": "car-twisted",
@@ -123,7 +128,7 @@ class ServerMethods:
             "auth_enabled": self.state.auth_enabled,
         }
 
-    def schema(self, session: ClientSession, params: Any) -> dict[str, Any]:
+    def schema(self, session: ClientSession, params: JsonValue) -> dict[str, object]:
         return {
             "server_version": SERVER_VERSION,
             "methods": {

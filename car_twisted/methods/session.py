@@ -11,7 +11,8 @@ a host token or an agent binding is always checked.
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import attrs
 from twisted.logger import Logger
@@ -22,10 +23,14 @@ from car_twisted.errors import AuthFailed, Forbidden, InvalidParams, RpcError
 from car_twisted.interfaces import IAgentIdentities, IMethodProvider
 from car_twisted.methods.tools import tool_definitions
 from car_twisted.proposal.rules import parse_policy
+from car_twisted.rpc.envelope import JsonValue
 from car_twisted.rpc.params import parse_params
 from car_twisted.rpc.registry import MethodSpec
 from car_twisted.runtime import SessionRuntime, runtime_of
 from car_twisted.session import ROLE_HOST, ClientSession
+
+if TYPE_CHECKING:
+    from car_twisted.state import ServerState
 
 __all__ = ["SessionMethods", "AuthParams", "MAX_NAMESPACE_LEN"]
 
@@ -45,8 +50,8 @@ class AuthParams:
 
 @attrs.frozen
 class InitParams:
-    tools: list = attrs.field(factory=list, metadata={"max_len": 1024})
-    policies: list | None = attrs.field(default=None, metadata={"max_len": 1024})
+    tools: list[JsonValue] = attrs.field(factory=list, metadata={"max_len": 1024})
+    policies: list[JsonValue] | None = attrs.field(default=None, metadata={"max_len": 1024})
 
 
 @attrs.frozen
@@ -63,7 +68,7 @@ class PolicySessionParams:
 class SessionMethods:
     _log = Logger()
 
-    def __init__(self, state: Any) -> None:
+    def __init__(self, state: ServerState) -> None:
         self.state = state
 
     def methods(self) -> Iterable[MethodSpec]:
@@ -78,11 +83,21 @@ class SessionMethods:
             ),
             MethodSpec("session.init", self.init, params=InitParams, description="Register tools and policies in one batch."),
             MethodSpec("session.policy.open", self.policy_open, description="Open a policy-scoping session."),
-            MethodSpec("session.policy.close", self.policy_close, params=PolicySessionParams, description="Close a policy session and drop its policies."),
-            MethodSpec("session.clear_halt", self.clear_halt, params=ClearHaltParams, description="Host only: let halted sessions submit proposals again."),
+            MethodSpec(
+                "session.policy.close",
+                self.policy_close,
+                params=PolicySessionParams,
+                description="Close a policy session and drop its policies.",
+            ),
+            MethodSpec(
+                "session.clear_halt",
+                self.clear_halt,
+                params=ClearHaltParams,
+                description="Host only: let halted sessions submit proposals again.",
+            ),
         )
 
-    def clear_halt(self, session: ClientSession, p: "ClearHaltParams") -> dict[str, Any]:
+    def clear_halt(self, session: ClientSession, p: ClearHaltParams) -> dict[str, object]:
         """A terminal tool error halts a session; a host lets it go on."""
         if not session.is_host:
             raise Forbidden("session.clear_halt needs the host role (session.auth with the host token)")
@@ -96,7 +111,7 @@ class SessionMethods:
                 cleared.append(other.client_id)
         return {"cleared": len(cleared), "client_ids": cleared}
 
-    def init(self, session: ClientSession, p: "InitParams") -> dict[str, Any]:
+    def init(self, session: ClientSession, p: InitParams) -> dict[str, object]:
         schemas = tool_definitions(p.tools, "tools")
         policies = []
         for i, raw in enumerate(p.policies or ()):
@@ -115,13 +130,13 @@ class SessionMethods:
             "policies_registered": len(policies),
         }
 
-    def policy_open(self, session: ClientSession, params: Any) -> dict[str, Any]:
+    def policy_open(self, session: ClientSession, params: JsonValue) -> dict[str, str]:
         return {"session_id": runtime_of(session).open_policy_session()}
 
-    def policy_close(self, session: ClientSession, p: "PolicySessionParams") -> dict[str, Any]:
+    def policy_close(self, session: ClientSession, p: PolicySessionParams) -> dict[str, bool]:
         return {"closed": runtime_of(session).close_policy_session(p.session_id)}
 
-    def auth(self, session: ClientSession, raw: Any) -> dict[str, Any]:
+    def auth(self, session: ClientSession, raw: JsonValue) -> dict[str, object]:
         try:
             # Parsed here rather than at the edge so that a malformed
             # session.auth (a token of the wrong type, say) counts toward
@@ -153,7 +168,7 @@ class SessionMethods:
         )
         return result
 
-    def _authenticate(self, session: ClientSession, p: AuthParams) -> dict[str, Any]:
+    def _authenticate(self, session: ClientSession, p: AuthParams) -> dict[str, object]:
         state = self.state
         enabled = state.auth_enabled
         if p.host_token is not None:
@@ -175,7 +190,7 @@ class SessionMethods:
         session.operator = True
         return {"ok": True, "auth_enabled": True}
 
-    def _bind_agent(self, session: ClientSession, p: AuthParams) -> dict[str, Any]:
+    def _bind_agent(self, session: ClientSession, p: AuthParams) -> dict[str, object]:
         agent_id = p.agent_id
         assert agent_id is not None
         if not agent_id:

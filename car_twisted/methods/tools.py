@@ -11,17 +11,22 @@ reference specifies), ``tools.cancel`` ``{cancelled: false}``, and
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import attrs
 from zope.interface import implementer
 
 from car_twisted.errors import InvalidParams
 from car_twisted.interfaces import IMethodProvider
-from car_twisted.proposal.ir import parse_tool_schema
+from car_twisted.proposal.ir import ToolSchema, parse_tool_schema
+from car_twisted.rpc.envelope import JsonValue
 from car_twisted.rpc.registry import MethodSpec
 from car_twisted.runtime import MAX_TOOLS, runtime_of
 from car_twisted.session import ClientSession
+
+if TYPE_CHECKING:
+    from car_twisted.state import ServerState
 
 __all__ = ["ToolMethods", "tool_definitions"]
 
@@ -36,7 +41,7 @@ class HandleParams:
     handle: str = attrs.field(metadata={"max_len": 256})
 
 
-def tool_definitions(raw: Any, path: str = "params") -> list:
+def tool_definitions(raw: JsonValue, path: str = "params") -> list[ToolSchema]:
     """
     The shapes clients send: an array of schemas (``car-runtime``), an
     object ``{tools: [...]}``, or one schema object.
@@ -56,7 +61,7 @@ def tool_definitions(raw: Any, path: str = "params") -> list:
 
 @implementer(IMethodProvider)
 class ToolMethods:
-    def __init__(self, state: Any) -> None:
+    def __init__(self, state: ServerState) -> None:
         self.state = state
 
     def methods(self) -> Iterable[MethodSpec]:
@@ -69,18 +74,18 @@ class ToolMethods:
             MethodSpec("tools.stream.subscribe", self.stream_subscribe, description="Subscribe to detached tool chunks."),
         )
 
-    def register(self, session: ClientSession, params: Any) -> int:
+    def register(self, session: ClientSession, params: JsonValue) -> int:
         schemas = tool_definitions(params)
         runtime = runtime_of(session)
         for schema in schemas:
             runtime.register_tool(schema)
         return len(schemas)
 
-    def list(self, session: ClientSession, params: Any) -> dict[str, Any]:
+    def list(self, session: ClientSession, params: JsonValue) -> dict[str, object]:
         tools = [t.to_wire() for t in runtime_of(session).list_tools()]
         return {"tools": tools, "count": len(tools)}
 
-    def unregister(self, session: ClientSession, p: NameParams) -> dict[str, Any]:
+    def unregister(self, session: ClientSession, p: NameParams) -> dict[str, object]:
         return {"unregistered": p.name, "removed": runtime_of(session).unregister_tool(p.name)}
 
     def poll(self, session: ClientSession, p: HandleParams) -> None:
@@ -88,8 +93,8 @@ class ToolMethods:
         # callback executor refuses at dispatch: every handle is unknown.
         return None
 
-    def cancel(self, session: ClientSession, p: HandleParams) -> dict[str, Any]:
+    def cancel(self, session: ClientSession, p: HandleParams) -> dict[str, bool]:
         return {"cancelled": False}
 
-    def stream_subscribe(self, session: ClientSession, params: Any) -> dict[str, Any]:
+    def stream_subscribe(self, session: ClientSession, params: JsonValue) -> dict[str, bool]:
         return {"subscribed": True}

@@ -31,7 +31,8 @@ are skipped, transitively.
 from __future__ import annotations
 
 from collections import deque
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Protocol, cast
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -54,13 +55,16 @@ from car_twisted.proposal.ir import (
 from car_twisted.proposal.rules import (
     ParamTexts,
     PolicyDefinition,
+    StateReader,
     distinct_static,
     first_violation,
     param_scans,
 )
+from car_twisted.rpc.envelope import JsonValue
 
 __all__ = [
     "ProposalEngine",
+    "StateStore",
     "holds",
     "MAX_CONCURRENT_ACTIONS",
     "MAX_DEPENDENCY_EDGES",
@@ -78,11 +82,19 @@ _STATIC_RULES = ("deny_tool", "deny_tool_param")
 _log = Logger()
 
 
-def _number(value: Any) -> float | None:
-    return float(value) if type(value) in (int, float) else None
+class StateStore(StateReader, Protocol):
+    """The state a proposal reads and writes (a ``KeyValueView``)."""
+
+    def set(self, key: str, value: JsonValue) -> None: ...
+
+    def delete(self, key: str) -> None: ...
 
 
-def holds(pre: Precondition, state: Any) -> bool:
+def _number(value: JsonValue) -> float | None:
+    return float(value) if type(value) is int or type(value) is float else None
+
+
+def holds(pre: Precondition, state: StateReader) -> bool:
     """Evaluate one precondition against a state mapping."""
     present = pre.key in state
     current = state.get(pre.key) if present else None
@@ -109,6 +121,8 @@ class ProposalEngine:
     """
     One execution of one proposal.
 
+    @param executor: runs the tool calls; None when the connection has
+        none (an embedder's adapters gave none): tool calls then fail.
     @param state: the (tenant-scoped) state view actions read and write.
     @param tools: registered tool schemas by name.
     @param policies: the policies in force for this execution.
@@ -117,8 +131,8 @@ class ProposalEngine:
     def __init__(
         self,
         clock: IReactorTime,
-        executor: IToolExecutor,
-        state: Any,
+        executor: IToolExecutor | None,
+        state: StateStore,
         tools: dict[str, ToolSchema],
         policies: Iterable[PolicyDefinition],
         session_id: str | None = None,
@@ -134,7 +148,7 @@ class ProposalEngine:
         self.tool_calls = 0
         self.retries = 0
 
-    def run(self, proposal: ActionProposal) -> Deferred:
+    def run(self, proposal: ActionProposal) -> Deferred[ProposalResult]:
         """@return: a Deferred firing with the ``ProposalResult``."""
         return _Execution(self, proposal).start()
 
@@ -154,14 +168,14 @@ class _Execution:
         # Not yet launched nor skipped, in proposal order (a dict as an ordered set).
         self.waiting: dict[str, None] = {}
         self.ready: deque[str] = deque()
-        self.running: dict[str, Deferred] = {}
+        self.running: dict[str, Deferred[None]] = {}
         self.aborted: str | None = None
         self.launching = False
         self.halted: dict[str, str] | None = None
-        self.undo: dict[str, tuple[bool, Any]] = {}
+        self.undo: dict[str, tuple[bool, JsonValue]] = {}
         self.texts = ParamTexts()
         self.started = engine.clock.seconds()
-        self.done: Deferred = Deferred(self._cancel_all)
+        self.done: Deferred[ProposalResult] = Deferred(self._cancel_all)
 
     # -- validation --------------------------------------------------------------
 
@@ -205,9 +219,9 @@ class _Execution:
                         self._reject(a.id, f"missing required parameter '{missing[0]}' for tool '{a.tool}'")
                         continue
                 # Price the scanning before doing any: each pattern reads the whole text.
-                for key, patterns in scans.get(a.tool, _NO_SCANS).items():
-                    if key in a.parameters:
-                        scan_chars += patterns * len(self.texts(a, key))  # type: ignore[arg-type]
+                for param, patterns in scans.get(a.tool, _NO_SCANS).items():
+                    if param in a.parameters:
+                        scan_chars += patterns * len(self.texts(a, param))
                         if scan_chars > MAX_POLICY_SCAN_CHARS:
                             raise InvalidParams(
                                 "proposal",
@@ -269,7 +283,7 @@ class _Execution:
 
     # -- scheduling ----------------------------------------------------------------
 
-    def start(self) -> Deferred:
+    def start(self) -> Deferred[ProposalResult]:
         try:
             self._validate()
         except InvalidParams:
@@ -351,7 +365,7 @@ class _Execution:
             self.running[aid] = d
             d.addBoth(self._finished, aid)
 
-    def _finished(self, outcome: Any, aid: str) -> None:
+    def _finished(self, outcome: None | Failure, aid: str) -> None:
         self.running.pop(aid, None)
         res = self.results[aid]
         if isinstance(outcome, Failure):
@@ -372,7 +386,7 @@ class _Execution:
         if not self.done.called:
             self._launch()
 
-    def _write(self, key: str, value: Any) -> None:
+    def _write(self, key: str, value: JsonValue) -> None:
         """Every state write goes here, so a halt can roll the proposal back."""
         state = self.engine.state
         if key not in self.undo:
@@ -389,7 +403,7 @@ class _Execution:
         for res in self.results.values():
             res.state_changes = {}
 
-    def _cancel_all(self, done: Deferred) -> None:
+    def _cancel_all(self, done: Deferred[ProposalResult]) -> None:
         self._abort("cancelled")
         for d in list(self.running.values()):
             d.cancel()
@@ -431,12 +445,13 @@ class _Execution:
             if a.type == "tool_call":
                 await self._tool_call(a, res)
             elif a.type == "state_write":
-                key, value = a.parameters["key"], a.parameters.get("value")
+                # Action.parse checks that state actions name a string key.
+                key, value = cast(str, a.parameters["key"]), a.parameters.get("value")
                 self._write(key, value)
                 res.output, res.state_changes = value, {key: value}
                 res.status = "succeeded"
             elif a.type == "state_read":
-                res.output = state.get(a.parameters["key"])
+                res.output = state.get(cast(str, a.parameters["key"]))
                 res.status = "succeeded"
             else:
                 checks = list(a.preconditions)
@@ -456,12 +471,17 @@ class _Execution:
 
     async def _tool_call(self, a: Action, res: ActionResult) -> None:
         engine = self.engine
-        if a.invocation_mode != "one_shot" and not getattr(engine.executor, "supports_detached", False):
+        executor = engine.executor
+        if a.invocation_mode != "one_shot" and not getattr(executor, "supports_detached", False):
             res.status = "failed"
             res.error = (
                 f"tool executor does not support streaming/long-running invocation "
                 f"('{a.invocation_mode}' for tool '{a.tool}')"
             )
+            return
+        if executor is None:
+            res.status = "failed"
+            res.error = f"no tool executor serves this connection (tool '{a.tool}')"
             return
         for attempt in range(1, a.attempts + 1):
             res.attempts = attempt
@@ -470,7 +490,7 @@ class _Execution:
             engine.tool_calls += 1
             call = ToolCall(a.id, a.tool or "", a.parameters, a.timeout_ms, attempt, engine.session_id)
             try:
-                res.output = await engine.executor.execute(call)
+                res.output = await executor.execute(call)
             except ToolError as e:
                 res.error = e.message
                 if e.terminal:

@@ -11,11 +11,13 @@ proposal does not contain is not a field we can ignore, so it is refused.
 from __future__ import annotations
 
 import secrets
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Concatenate, ParamSpec, TypeVar
 
 import attrs
 
 from car_twisted.errors import InvalidParams
+from car_twisted.rpc.envelope import JsonValue
 
 __all__ = [
     "ActionProposal",
@@ -45,17 +47,22 @@ DEFAULT_MAX_RETRIES = 3
 MAX_NAME_LEN = 256
 MAX_TIMEOUT_MS = 7 * 24 * 3600 * 1000
 
+#: A JSON object from the wire.
+JsonObject = dict[str, JsonValue]
+P = ParamSpec("P")
+T = TypeVar("T")
+
 
 # -- field checks --------------------------------------------------------------
 
 
-def _obj(value: Any, path: str) -> dict:
+def _obj(value: JsonValue, path: str) -> JsonObject:
     if type(value) is not dict:
         raise InvalidParams(path, "expected an object")
     return value
 
 
-def _str(value: Any, path: str, max_len: int = MAX_NAME_LEN, empty: bool = False) -> str:
+def _str(value: JsonValue, path: str, max_len: int = MAX_NAME_LEN, empty: bool = False) -> str:
     if type(value) is not str:
         raise InvalidParams(path, "expected a string")
     if not empty and not value:
@@ -65,12 +72,19 @@ def _str(value: Any, path: str, max_len: int = MAX_NAME_LEN, empty: bool = False
     return value
 
 
-def _opt(raw: dict, key: str, path: str, check: Callable[..., Any], *args: Any) -> Any:
+def _opt(
+    raw: JsonObject,
+    key: str,
+    path: str,
+    check: Callable[Concatenate[JsonValue, str, P], T],
+    *args: P.args,
+    **kwargs: P.kwargs,
+) -> T | None:
     value = raw.get(key)
-    return None if value is None else check(value, f"{path}.{key}", *args)
+    return None if value is None else check(value, f"{path}.{key}", *args, **kwargs)
 
 
-def _uint(value: Any, path: str, maximum: int) -> int:
+def _uint(value: JsonValue, path: str, maximum: int) -> int:
     if type(value) is float and value.is_integer():
         value = int(value)
     if type(value) is not int or value < 0:
@@ -80,13 +94,13 @@ def _uint(value: Any, path: str, maximum: int) -> int:
     return value
 
 
-def _bool(value: Any, path: str) -> bool:
+def _bool(value: JsonValue, path: str) -> bool:
     if type(value) is not bool:
         raise InvalidParams(path, "expected a boolean")
     return value
 
 
-def _str_list(value: Any, path: str) -> tuple[str, ...]:
+def _str_list(value: JsonValue, path: str) -> tuple[str, ...]:
     if type(value) is not list:
         raise InvalidParams(path, "expected an array of strings")
     if len(value) > MAX_ACTIONS:
@@ -94,7 +108,7 @@ def _str_list(value: Any, path: str) -> tuple[str, ...]:
     return tuple(_str(v, f"{path}[{i}]", 1024) for i, v in enumerate(value))
 
 
-def _enum(value: Any, path: str, allowed: frozenset) -> str:
+def _enum(value: JsonValue, path: str, allowed: frozenset[str]) -> str:
     if value not in allowed or type(value) is not str:
         raise InvalidParams(path, "expected one of " + ", ".join(sorted(allowed)))
     return value
@@ -107,11 +121,11 @@ def _enum(value: Any, path: str, allowed: frozenset) -> str:
 class Precondition:
     key: str
     operator: str = "eq"
-    value: Any = None
+    value: JsonValue = None
     description: str = ""
 
     @classmethod
-    def parse(cls, raw: Any, path: str) -> "Precondition":
+    def parse(cls, raw: JsonValue, path: str) -> Precondition:
         raw = _obj(raw, path)
         key = _str(raw.get("key"), f"{path}.key", 1024) if "key" in raw else None
         if key is None:
@@ -134,9 +148,9 @@ class Action:
     id: str
     type: str
     tool: str | None = None
-    parameters: dict = attrs.field(factory=dict)
+    parameters: JsonObject = attrs.field(factory=dict)
     preconditions: tuple[Precondition, ...] = ()
-    expected_effects: dict = attrs.field(factory=dict)
+    expected_effects: JsonObject = attrs.field(factory=dict)
     state_dependencies: tuple[str, ...] = ()
     dependencies: tuple[str, ...] = ()
     invocation_mode: str = "one_shot"
@@ -146,7 +160,7 @@ class Action:
     timeout_ms: int | None = None
 
     @classmethod
-    def parse(cls, raw: Any, path: str, index: int) -> "Action":
+    def parse(cls, raw: JsonValue, path: str, index: int) -> Action:
         raw = _obj(raw, path)
         if "type" not in raw:
             raise InvalidParams(f"{path}.type", "required")
@@ -195,8 +209,9 @@ class Action:
     def writes(self) -> set[str]:
         """State keys this action writes (declared effects, state_write key)."""
         keys = set(self.expected_effects)
-        if self.type == "state_write" and type(self.parameters.get("key")) is str:
-            keys.add(self.parameters["key"])
+        key = self.parameters.get("key")
+        if self.type == "state_write" and type(key) is str:
+            keys.add(key)
         return keys
 
 
@@ -205,10 +220,10 @@ class ActionProposal:
     id: str
     source: str
     actions: tuple[Action, ...]
-    context: dict = attrs.field(factory=dict)
+    context: JsonObject = attrs.field(factory=dict)
 
 
-def parse_proposal(raw: Any, path: str = "proposal") -> ActionProposal:
+def parse_proposal(raw: JsonValue, path: str = "proposal") -> ActionProposal:
     """
     @raise InvalidParams: naming the first field that does not fit.
     """
@@ -242,14 +257,14 @@ def parse_proposal(raw: Any, path: str = "proposal") -> ActionProposal:
 class ToolSchema:
     name: str
     description: str = ""
-    parameters: dict = attrs.field(factory=dict)
-    returns: dict | None = None
+    parameters: JsonObject = attrs.field(factory=dict)
+    returns: JsonObject | None = None
     idempotent: bool = False
     cache_ttl_secs: int | None = None
-    rate_limit: dict | None = None
+    rate_limit: JsonObject | None = None
 
-    def to_wire(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
+    def to_wire(self) -> JsonObject:
+        out: JsonObject = {
             "name": self.name,
             "description": self.description,
             "parameters": self.parameters,
@@ -264,14 +279,15 @@ class ToolSchema:
         return out
 
 
-def parse_tool_schema(raw: Any, path: str) -> ToolSchema:
+def parse_tool_schema(raw: JsonValue, path: str) -> ToolSchema:
     raw = _obj(raw, path)
     if "name" not in raw:
         raise InvalidParams(f"{path}.name", "required")
     rate = _opt(raw, "rate_limit", path, _obj)
     if rate is not None:
         _uint(rate.get("max_calls"), f"{path}.rate_limit.max_calls", 2**32)
-        if type(rate.get("interval_secs")) not in (int, float) or rate["interval_secs"] <= 0:
+        interval = rate.get("interval_secs")
+        if (type(interval) is not int and type(interval) is not float) or interval <= 0:
             raise InvalidParams(f"{path}.rate_limit.interval_secs", "expected a positive number")
     return ToolSchema(
         name=_str(raw["name"], f"{path}.name"),
@@ -293,7 +309,7 @@ class ToolCall:
 
     action_id: str
     tool: str
-    parameters: dict
+    parameters: JsonObject
     timeout_ms: int | None
     attempt: int = 1
     session_id: str | None = None
@@ -308,7 +324,7 @@ class ToolError(Exception):
         or ``unsupported``.
     """
 
-    def __init__(self, message: str, kind: str = "failed", terminal: bool = False):
+    def __init__(self, message: str, kind: str = "failed", terminal: bool = False) -> None:
         super().__init__(message)
         self.message = message
         self.kind = kind
@@ -319,14 +335,14 @@ class ToolError(Exception):
 class ActionResult:
     action_id: str
     status: str
-    output: Any = None
+    output: JsonValue = None
     error: str | None = None
-    state_changes: dict = attrs.field(factory=dict)
+    state_changes: JsonObject = attrs.field(factory=dict)
     duration_ms: float = 0.0
     timestamp: str = ""
     attempts: int = 0
 
-    def to_wire(self) -> dict[str, Any]:
+    def to_wire(self) -> JsonObject:
         return {
             "action_id": self.action_id,
             "status": self.status,
@@ -348,11 +364,11 @@ class ProposalResult:
 
     proposal_id: str
     results: tuple[ActionResult, ...]
-    cost: dict
-    halted: dict | None = None
+    cost: dict[str, float]
+    halted: dict[str, str] | None = None
 
-    def to_wire(self) -> dict[str, Any]:
-        out = {
+    def to_wire(self) -> dict[str, object]:
+        out: dict[str, object] = {
             "proposal_id": self.proposal_id,
             "results": [r.to_wire() for r in self.results],
             "cost": self.cost,

@@ -15,16 +15,19 @@ refused by this daemon.
 from __future__ import annotations
 
 import json
-from typing import Any, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
+from typing import Literal, Protocol, overload
 
 import attrs
 
 from car_twisted.errors import InvalidParams
-from car_twisted.proposal.ir import Action
+from car_twisted.proposal.ir import Action, JsonObject
+from car_twisted.rpc.envelope import JsonValue
 
 __all__ = [
     "PolicyDefinition",
     "ParamTexts",
+    "StateReader",
     "parse_policy",
     "first_violation",
     "distinct_static",
@@ -36,6 +39,16 @@ SUPPORTED_RULES = ("deny_tool", "deny_tool_param", "require_state")
 _MAX = 1024
 
 TextOf = Callable[[Action, str], str]
+
+
+class StateReader(Protocol):
+    """The state a proposal reads (a ``KeyValueView``): decoded values by key."""
+
+    def __contains__(self, key: object) -> bool: ...
+
+    def __getitem__(self, key: str) -> JsonValue: ...
+
+    def get(self, key: str) -> JsonValue: ...
 
 
 def _param_text(action: Action, key: str) -> str:
@@ -67,7 +80,7 @@ class PolicyDefinition:
     target: str | None = None
     key: str | None = None
     pattern: str | None = None
-    value: Any = None
+    value: JsonValue = None
 
     @property
     def description(self) -> str:
@@ -77,15 +90,15 @@ class PolicyDefinition:
             return f"deny tool '{self.target}' when parameter '{self.key}' contains a denied pattern"
         return f"require state '{self.key}' == {json.dumps(self.value)}"
 
-    def to_wire(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"name": self.name, "description": self.description, "rule": self.rule}
+    def to_wire(self) -> dict[str, str]:
+        out: dict[str, str] = {"name": self.name, "description": self.description, "rule": self.rule}
         for field in ("target", "key"):
             if getattr(self, field) is not None:
                 out[field] = getattr(self, field)
         return out
 
     def violation(
-        self, action: Action, state: Mapping[str, Any], text_of: TextOf | None = None
+        self, action: Action, state: StateReader, text_of: TextOf | None = None
     ) -> str | None:
         """
         The reason this policy denies C{action}, or None.
@@ -102,12 +115,21 @@ class PolicyDefinition:
                 if self.pattern and self.pattern in text:
                     return f"deny_tool_param:{self.target}.{self.key}"
         elif self.rule == "require_state":
-            if self.key not in state or state[self.key] != self.value:
+            key = self.key  # parse_policy requires it for this rule
+            if key is None or key not in state or state[key] != self.value:
                 return f"require_state:{self.key}"
         return None
 
 
-def _field(raw: dict, key: str, required: bool) -> str | None:
+@overload
+def _field(raw: JsonObject, key: str, required: Literal[True]) -> str: ...
+
+
+@overload
+def _field(raw: JsonObject, key: str, required: bool) -> str | None: ...
+
+
+def _field(raw: JsonObject, key: str, required: bool) -> str | None:
     value = raw.get(key)
     if value is None:
         if required:
@@ -118,7 +140,7 @@ def _field(raw: dict, key: str, required: bool) -> str | None:
     return value
 
 
-def parse_policy(raw: Any) -> PolicyDefinition:
+def parse_policy(raw: JsonValue) -> PolicyDefinition:
     """
     A policy definition from the wire.  ``value`` may arrive as JSON
     (``value``) or as the client's encoded ``value_json`` string.
@@ -138,9 +160,10 @@ def parse_policy(raw: Any) -> PolicyDefinition:
     if rule not in SUPPORTED_RULES:
         raise InvalidParams("rule", "expected one of " + ", ".join(SUPPORTED_RULES))
     value = raw.get("value")
-    if value is None and type(raw.get("value_json")) is str:
+    value_json = raw.get("value_json")
+    if value is None and type(value_json) is str:
         try:
-            value = json.loads(raw["value_json"])
+            value = json.loads(value_json)
         except ValueError:
             raise InvalidParams("value_json", "not valid JSON") from None
     needs = {
@@ -149,7 +172,7 @@ def parse_policy(raw: Any) -> PolicyDefinition:
         "require_state": ("key",),
     }[rule]
     return PolicyDefinition(
-        name=name,  # type: ignore[arg-type]
+        name=name,
         rule=rule,
         target=_field(raw, "target", "target" in needs),
         key=_field(raw, "key", "key" in needs),
@@ -161,7 +184,7 @@ def parse_policy(raw: Any) -> PolicyDefinition:
 def first_violation(
     policies: Iterable[PolicyDefinition],
     action: Action,
-    state: Mapping[str, Any],
+    state: StateReader,
     text_of: TextOf | None = None,
 ) -> tuple[PolicyDefinition, str] | None:
     """The first policy that denies C{action} and its reason, or None."""
@@ -178,7 +201,7 @@ def distinct_static(policies: Iterable[PolicyDefinition]) -> list[PolicyDefiniti
     pattern): a static rule's verdict depends on nothing else, so a repeat
     can never be the first violation.
     """
-    seen: set[tuple[Any, ...]] = set()
+    seen: set[tuple[str, str | None, str | None, str | None]] = set()
     out = []
     for p in policies:
         triple = (p.rule, p.target, p.key, p.pattern)

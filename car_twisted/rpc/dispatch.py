@@ -14,7 +14,8 @@ one place exceptions become error responses.
 from __future__ import annotations
 
 import types
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, cast
 
 from twisted.internet.defer import CancelledError, Deferred, gatherResults
 from twisted.logger import Logger
@@ -35,6 +36,8 @@ from car_twisted.interfaces import IBinaryReceiver
 from car_twisted.rpc.envelope import (
     MAX_METHOD_LEN,
     DecodeError,
+    JsonContainer,
+    JsonValue,
     encode_error,
     encode_result,
     loads,
@@ -43,6 +46,15 @@ from car_twisted.rpc.envelope import (
 )
 from car_twisted.rpc.params import parse_params
 from car_twisted.rpc.scope import out_of_scope_reason
+
+if TYPE_CHECKING:
+    from car_twisted.rpc.registry import MethodSpec
+    from car_twisted.session import ClientSession
+    from car_twisted.state import ServerState
+
+    #: What one message comes to: its encoded reply, a Deferred firing
+    #: with it (None: nothing to send), or None when there is nothing to send.
+    Reply = bytes | Deferred[bytes | None] | None
 
 __all__ = ["Dispatcher", "error_for"]
 
@@ -57,7 +69,7 @@ _BAD_ID = (
 )
 
 
-def error_for(exc: BaseException, method: str | None) -> tuple[int, str, Any]:
+def error_for(exc: BaseException, method: str | None) -> tuple[int, str, object]:
     """
     Map an exception to ``(code, message, data)``.  Only ``RpcError``
     speaks to the client in its own words; anything else is logged with
@@ -80,7 +92,7 @@ class Dispatcher:
 
     _log = _log
 
-    def __init__(self, state: Any) -> None:
+    def __init__(self, state: ServerState) -> None:
         self.state = state
         self.methods = state.methods
         self.clock = state.clock
@@ -93,7 +105,7 @@ class Dispatcher:
 
     # -- entry points --------------------------------------------------------
 
-    def dispatch_text(self, session: Any, payload: bytes) -> None:
+    def dispatch_text(self, session: ClientSession, payload: bytes) -> None:
         try:
             msg = loads(payload)
         except DecodeError as e:
@@ -107,31 +119,33 @@ class Dispatcher:
             if not session.authenticated:
                 self.state.auth_failed(session)
             return
-        kind = type(msg)
         if not session.authenticated and not _auth_request(msg):
             # Before auth, every frame that is not a well-formed
             # session.auth counts like a wrong token, so an unauthenticated
             # peer cannot keep a connection busy with malformed requests.
             self.state.auth_failed(session)
-        if (kind is dict or kind is list) and nested_deeper_than(payload, msg, self.max_depth):
-            self._too_deep(session, msg)
-            return
-        if kind is dict:
+        if type(msg) is dict:
+            if nested_deeper_than(payload, msg, self.max_depth):
+                self._too_deep(session, msg)
+                return
             out = self._handle(session, msg)
             if out is None:
                 return
-            if type(out) is bytes:
+            if isinstance(out, bytes):
                 session.channel.send(out)
             else:
                 out.addCallback(self._send_deferred, session)
-        elif kind is list:
+        elif type(msg) is list:
+            if nested_deeper_than(payload, msg, self.max_depth):
+                self._too_deep(session, msg)
+                return
             self._batch(session, msg)
         else:
             session.channel.send(
                 encode_error(None, INVALID_REQUEST, "invalid request: expected an object or an array")
             )
 
-    def dispatch_binary(self, session: Any, payload: bytes) -> None:
+    def dispatch_binary(self, session: ClientSession, payload: bytes) -> None:
         if not session.authenticated:
             self._deny(session, None)
             return
@@ -154,7 +168,7 @@ class Dispatcher:
                 client_id=session.client_id,
             )
 
-    def _too_deep(self, session: Any, msg: Any) -> None:
+    def _too_deep(self, session: ClientSession, msg: JsonContainer) -> None:
         """
         One depth limit, on the way in: a value is never stored or echoed
         that a reply could not encode.  A request gets ``-32602``; a
@@ -178,7 +192,7 @@ class Dispatcher:
 
     # -- one message -----------------------------------------------------------
 
-    def _handle(self, session: Any, msg: dict) -> bytes | Deferred | None:
+    def _handle(self, session: ClientSession, msg: dict[str, JsonValue]) -> Reply:
         """
         @return: the encoded reply, a Deferred firing with it (or None),
             or None when there is nothing to send.
@@ -230,6 +244,7 @@ class Dispatcher:
                 {"reason": "busy", "limit": self.max_in_flight},
             )
 
+        args: object
         try:
             args = params if spec.params is None or not spec.parse_at_edge else parse_params(spec.params, params)
             result = spec.handler(session, args)
@@ -239,45 +254,49 @@ class Dispatcher:
         kind = type(result)
         if kind in _PLAIN or (kind is not _CoroutineType and not isinstance(result, Deferred)):
             return None if notification else self._encode(rid, method, result)
-        d = Deferred.fromCoroutine(result) if kind is _CoroutineType else result
+        # Not plain: a coroutine, or a Deferred (the check above).
+        d: Deferred[object] = (
+            Deferred.fromCoroutine(result) if isinstance(result, _CoroutineType) else cast("Deferred[object]", result)
+        )
         return self._wait(session, spec, args, rid, notification, d)
 
     def _wait(
-        self, session: Any, spec: Any, args: Any, rid: Any, notification: bool, d: Deferred
-    ) -> Deferred:
+        self, session: ClientSession, spec: MethodSpec, args: object, rid: JsonValue, notification: bool, d: Deferred[object]
+    ) -> Deferred[bytes | None]:
         method = spec.name
         timeout = self._deadline(spec, args)
         session.in_flight += 1
 
-        def on_timeout(result: Any, seconds: float) -> Failure:
+        def on_timeout(result: object, seconds: float) -> Failure:
             return Failure(HandlerDeadlineExceeded(method, seconds))
 
-        def done(result: Any) -> Any:
+        def done(result: object) -> object:
             session.in_flight -= 1
             return result
 
         d.addTimeout(timeout, self.clock, onTimeoutCancel=on_timeout)
         d.addBoth(done)
         if notification:
-            d.addCallbacks(lambda _: None, self._log_notification_failure, errbackArgs=(method,))
-        else:
-            d.addCallbacks(
-                lambda result: self._encode(rid, method, result),
-                lambda f: self._error(rid, method, f.value),
-            )
-        return d
+            return d.addCallbacks(lambda _: None, self._log_notification_failure, errbackArgs=(method,))
+        return d.addCallbacks(
+            lambda result: self._encode(rid, method, result),
+            lambda f: self._error(rid, method, f.value),
+        )
 
-    def _deadline(self, spec: Any, args: Any) -> float:
+    def _deadline(self, spec: MethodSpec, args: object) -> float:
         deadline = spec.deadline
+        seconds: float | None
         if callable(deadline):
             try:
-                deadline = deadline(args)
+                seconds = deadline(args)
             except Exception:
                 self._log.failure("deadline function failed for {method}", method=spec.name)
-                deadline = None
-        return self.handler_timeout if deadline is None else float(deadline)
+                seconds = None
+        else:
+            seconds = deadline
+        return self.handler_timeout if seconds is None else float(seconds)
 
-    def _client_response(self, session: Any, msg: dict) -> bytes | None:
+    def _client_response(self, session: ClientSession, msg: dict[str, JsonValue]) -> bytes | None:
         if "id" in msg and ("result" in msg or "error" in msg):
             if not session.authenticated:
                 self._deny(session, None)
@@ -296,7 +315,7 @@ class Dispatcher:
 
     # -- batches -----------------------------------------------------------
 
-    def _batch(self, session: Any, items: list) -> None:
+    def _batch(self, session: ClientSession, items: list[JsonValue]) -> None:
         send = session.channel.send
         if not items:
             send(encode_error(None, INVALID_REQUEST, "invalid request: empty batch"))
@@ -315,8 +334,8 @@ class Dispatcher:
             self._deny(session, None)
             return
         parts: list[bytes | None] = []
-        ids: list[Any] = []
-        waits: list[Deferred] = []
+        ids: list[JsonValue] = []
+        waits: list[Deferred[None]] = []
         for item in items:
             if type(item) is dict:
                 out = self._handle(session, item)
@@ -327,14 +346,14 @@ class Dispatcher:
             if out is None:
                 continue
             ids.append(rid if valid_id(rid) else None)
-            if type(out) is bytes:
+            if isinstance(out, bytes):
                 parts.append(out)
             else:
                 index = len(parts)
                 parts.append(None)
                 waits.append(out.addCallback(_setter(parts, index)))
 
-        def flush(_: Any = None) -> None:
+        def flush(_: object = None) -> None:
             body = [p for p in parts if p is not None]
             if not body:
                 return
@@ -347,7 +366,7 @@ class Dispatcher:
                 )
                 frame = b"[" + b",".join(
                     encode_error(rid, INTERNAL_ERROR, text)
-                    for rid, p in zip(ids, parts)
+                    for rid, p in zip(ids, parts, strict=True)
                     if p is not None
                 ) + b"]"
             send(frame)
@@ -361,7 +380,7 @@ class Dispatcher:
 
     # -- replies -------------------------------------------------------------
 
-    def _encode(self, rid: Any, method: str, result: Any) -> bytes:
+    def _encode(self, rid: JsonValue, method: str, result: object) -> bytes:
         try:
             frame = encode_result(rid, result)
         except Exception as e:
@@ -375,7 +394,7 @@ class Dispatcher:
             )
         return frame
 
-    def _error(self, rid: Any, method: str | None, exc: BaseException) -> bytes:
+    def _error(self, rid: JsonValue, method: str | None, exc: BaseException) -> bytes:
         code, message, data = error_for(exc, method)
         frame = encode_error(rid, code, message, data)
         if len(frame) > self.max_message_bytes:
@@ -383,7 +402,7 @@ class Dispatcher:
             frame = encode_error(rid, code, message[:512] + " [truncated]")
         return frame
 
-    def _send_deferred(self, frame: bytes | None, session: Any) -> None:
+    def _send_deferred(self, frame: bytes | None, session: ClientSession) -> None:
         if frame is not None:
             session.channel.send(frame)
 
@@ -397,7 +416,7 @@ class Dispatcher:
         else:
             self._log.failure("notification {method} failed", failure=failure, method=method)
 
-    def _deny(self, session: Any, rid: Any) -> None:
+    def _deny(self, session: ClientSession, rid: JsonValue) -> None:
         """The auth gate: ``-32001``, then close without waiting for the peer."""
         self._log.info(
             "client {client_id} refused: not authenticated", client_id=session.client_id
@@ -412,7 +431,7 @@ class Dispatcher:
         session.channel.sink.close(1008, "auth required")
 
 
-def _auth_request(msg: Any) -> bool:
+def _auth_request(msg: JsonValue) -> bool:
     """A well-formed ``session.auth`` request envelope (params not checked)."""
     return (
         type(msg) is dict
@@ -431,7 +450,7 @@ def _is_utf8(payload: bytes) -> bool:
     return True
 
 
-def _setter(parts: list, index: int) -> Any:
+def _setter(parts: list[bytes | None], index: int) -> Callable[[bytes | None], None]:
     def fill(frame: bytes | None) -> None:
         parts[index] = frame
 

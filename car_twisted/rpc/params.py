@@ -3,58 +3,106 @@ Params parsed at the edge into frozen attrs types.
 
 A method declares its params as an ``@attrs.frozen`` class whose field
 annotations use a small wire vocabulary (``str``, ``int``, ``float``,
-``bool``, ``dict``, ``list``, ``list[str]``, ``Any`` and ``X | None``).
-``parse_params(cls, raw)`` checks the JSON value against it and raises
-``InvalidParams`` naming the first field that does not fit.  Unknown keys
-are ignored: clients add fields over time.  String and list sizes are
-bounded by ``attrs.field(metadata={"max_len": n})`` (default 64 KiB chars
-for strings).
+``bool``, ``dict``, ``list``, ``list[str]``, ``JsonValue`` (or ``Any``)
+for any JSON value, ``dict[str, JsonValue]`` and ``list[JsonValue]`` as
+``dict`` and ``list``, and ``X | None``).  ``parse_params(cls, raw)``
+checks the JSON value against it and raises ``InvalidParams`` naming the
+first field that does not fit.  Unknown keys are ignored: clients add
+fields over time.  String and list sizes are bounded by
+``attrs.field(metadata={"max_len": n})`` (default 64 KiB chars for
+strings).
 """
 
 from __future__ import annotations
 
 import types
 import typing
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import attrs
+from attrs import AttrsInstance
 
 from car_twisted.errors import InvalidParams
+from car_twisted.rpc.envelope import JsonValue
 
 __all__ = ["parse_params", "describe_params", "DEFAULT_MAX_STR_LEN"]
 
-T = TypeVar("T")
+T = TypeVar("T", bound=AttrsInstance)
 
 DEFAULT_MAX_STR_LEN = 64 * 1024
 DEFAULT_MAX_LIST_LEN = 4096
 
-_Check = Callable[[str, Any], Any]
-_parsers: dict[type, Callable[[Any], Any]] = {}
+# A field check: (wire name, value) to the value the params class gets.
+_Check = Callable[[str, JsonValue], JsonValue]
+_parsers: dict[type[AttrsInstance], Callable[[JsonValue], AttrsInstance]] = {}
+_JSON_SCALARS = frozenset({type(None), bool, int, float, str})
 
 
-def _type_name(tp: Any) -> str:
+class _AnyJson:
+    """What ``JsonValue`` (and ``Any``) come to in the wire vocabulary: no check."""
+
+
+def _is_json_value(tp: object) -> bool:
+    """
+    Whether C{tp} is ``JsonValue`` (or ``Any``, which embedders' params
+    classes may use): the union as ``get_type_hints`` resolves it, whose
+    recursive members may or may not be evaluated, so it is recognised
+    by its shape.
+    """
     if tp is Any:
+        return True
+    if typing.get_origin(tp) not in (typing.Union, types.UnionType):
+        return False
+    args = typing.get_args(tp)
+    scalars = {a for a in args if a in _JSON_SCALARS}
+    containers = {typing.get_origin(a) for a in args if a not in _JSON_SCALARS}
+    return scalars == _JSON_SCALARS and containers == {list, dict}
+
+
+def _wire_type(tp: object) -> object:
+    """
+    C{tp} in the wire vocabulary: ``JsonValue`` as ``_AnyJson``, and the
+    JSON containers ``list[JsonValue]`` and ``dict[str, JsonValue]`` as
+    the bare ``list`` and ``dict`` they check the same as.
+    """
+    if _is_json_value(tp):
+        return _AnyJson
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is list and len(args) == 1 and _is_json_value(args[0]):
+        return list
+    if origin is dict and len(args) == 2 and args[0] is str and _is_json_value(args[1]):
+        return dict
+    return tp
+
+
+def _type_name(tp: object) -> str:
+    tp = _wire_type(tp)
+    if tp is _AnyJson:
         return "any"
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         return " | ".join(_type_name(a) for a in args) + " | null"
     if origin is list:
-        (inner,) = typing.get_args(tp) or (Any,)
+        (inner,) = typing.get_args(tp) or (_AnyJson,)
         return f"array of {_type_name(inner)}"
-    return {
+    names: dict[object, str] = {
         str: "string",
         int: "integer",
         float: "number",
         bool: "boolean",
         dict: "object",
         list: "array",
-    }.get(tp, getattr(tp, "__name__", str(tp)))
+    }
+    return names.get(tp, getattr(tp, "__name__", str(tp)))
 
 
-def _checker(tp: Any, max_len: int | None) -> _Check:
+def _checker(tp: object, max_len: int | None) -> _Check:
     """Build a checker for one annotation; runs once per params class."""
-    if tp is Any:
+    tp = _wire_type(tp)
+    if tp is _AnyJson:
         return lambda field, value: value
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
@@ -63,16 +111,16 @@ def _checker(tp: Any, max_len: int | None) -> _Check:
             raise TypeError(f"unsupported params annotation {tp!r}")
         inner = _checker(args[0], max_len)
 
-        def optional(field: str, value: Any) -> Any:
+        def optional(field: str, value: JsonValue) -> JsonValue:
             return None if value is None else inner(field, value)
 
         return optional
     if origin is list or tp is list:
-        (elem,) = typing.get_args(tp) or (Any,)
+        (elem,) = typing.get_args(tp) or (_AnyJson,)
         elem_check = _checker(elem, None)
         limit = max_len or DEFAULT_MAX_LIST_LEN
 
-        def array(field: str, value: Any) -> Any:
+        def array(field: str, value: JsonValue) -> JsonValue:
             if type(value) is not list:
                 raise InvalidParams(field, f"expected {_type_name(tp)}")
             if len(value) > limit:
@@ -83,7 +131,7 @@ def _checker(tp: Any, max_len: int | None) -> _Check:
     if tp is str:
         limit = max_len or DEFAULT_MAX_STR_LEN
 
-        def string(field: str, value: Any) -> Any:
+        def string(field: str, value: JsonValue) -> JsonValue:
             if type(value) is not str:
                 raise InvalidParams(field, "expected string")
             if len(value) > limit:
@@ -93,7 +141,7 @@ def _checker(tp: Any, max_len: int | None) -> _Check:
         return string
     if tp is bool:
 
-        def boolean(field: str, value: Any) -> Any:
+        def boolean(field: str, value: JsonValue) -> JsonValue:
             if type(value) is not bool:
                 raise InvalidParams(field, "expected boolean")
             return value
@@ -101,7 +149,7 @@ def _checker(tp: Any, max_len: int | None) -> _Check:
         return boolean
     if tp is int:
 
-        def integer(field: str, value: Any) -> Any:
+        def integer(field: str, value: JsonValue) -> JsonValue:
             if type(value) is float and value.is_integer():
                 value = int(value)
             if type(value) is not int:
@@ -111,15 +159,15 @@ def _checker(tp: Any, max_len: int | None) -> _Check:
         return integer
     if tp is float:
 
-        def number(field: str, value: Any) -> Any:
-            if type(value) not in (int, float):
+        def number(field: str, value: JsonValue) -> JsonValue:
+            if type(value) is not int and type(value) is not float:
                 raise InvalidParams(field, "expected number")
             return float(value)
 
         return number
     if tp is dict:
 
-        def obj(field: str, value: Any) -> Any:
+        def obj(field: str, value: JsonValue) -> JsonValue:
             if type(value) is not dict:
                 raise InvalidParams(field, "expected object")
             return value
@@ -128,7 +176,7 @@ def _checker(tp: Any, max_len: int | None) -> _Check:
     raise TypeError(f"unsupported params annotation {tp!r}")
 
 
-def _build_parser(cls: type[T]) -> Callable[[Any], T]:
+def _build_parser(cls: type[T]) -> Callable[[JsonValue], T]:
     hints = typing.get_type_hints(cls)
     fields = []
     for a in attrs.fields(cls):
@@ -137,12 +185,12 @@ def _build_parser(cls: type[T]) -> Callable[[Any], T]:
         check = _checker(hints[a.name], a.metadata.get("max_len"))
         fields.append((a.name, wire, required, check))
 
-    def parse(raw: Any) -> T:
+    def parse(raw: JsonValue) -> T:
         if raw is None:
             raw = {}
         elif type(raw) is not dict:
             raise InvalidParams("params", "expected an object")
-        kwargs = {}
+        kwargs: dict[str, JsonValue] = {}
         for name, wire, required, check in fields:
             if wire in raw:
                 kwargs[name] = check(wire, raw[wire])
@@ -157,7 +205,7 @@ def _build_parser(cls: type[T]) -> Callable[[Any], T]:
     return parse
 
 
-def parse_params(cls: type[T], raw: Any) -> T:
+def parse_params(cls: type[T], raw: JsonValue) -> T:
     """
     Check C{raw} (the request's C{params}) against C{cls} and build it.
 
@@ -166,10 +214,10 @@ def parse_params(cls: type[T], raw: Any) -> T:
     parser = _parsers.get(cls)
     if parser is None:
         parser = _parsers[cls] = _build_parser(cls)
-    return parser(raw)
+    return parser(raw)  # type: ignore[return-value]  # the parser built for cls makes a cls
 
 
-def describe_params(cls: type) -> dict[str, Any]:
+def describe_params(cls: type[AttrsInstance]) -> dict[str, dict[str, str | bool]]:
     """A small JSON description of C{cls} for ``server.schema``."""
     hints = typing.get_type_hints(cls)
     return {

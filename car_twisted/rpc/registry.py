@@ -10,16 +10,36 @@ really waits.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import attrs
+from attrs import AttrsInstance
 from zope.interface import implementer
 
 from car_twisted.interfaces import IMethodProvider
 
+if TYPE_CHECKING:
+    from car_twisted.session import ClientSession
+
 __all__ = ["MethodSpec", "MethodRegistry", "StaticMethods"]
 
-Handler = Callable[[Any, Any], Any]
+# The second argument is an instance of the spec's ``params`` class (the
+# raw JSON value when it has none): a type known only at run time, so
+# handlers declaring their own params class fit here.
+Handler = Callable[["ClientSession", Any], object]
+# A deadline function takes the same parsed params.
+DeadlineOf = Callable[[Any], float | None]
+
+
+class SpecOptions(TypedDict, total=False):
+    """The optional ``MethodSpec`` fields, as keywords (``ServerState.register_method``)."""
+
+    requires_auth: bool
+    requires_handshake: bool
+    deadline: float | DeadlineOf | None
+    description: str
+    parse_at_edge: bool
 
 
 @attrs.frozen
@@ -42,12 +62,17 @@ class MethodSpec:
 
     name: str
     handler: Handler
-    params: type | None = None
+    params: type[AttrsInstance] | None = None
     requires_auth: bool = True
     requires_handshake: bool = False
-    deadline: float | Callable[[Any], float | None] | None = None
+    deadline: float | DeadlineOf | None = None
     description: str = ""
     parse_at_edge: bool = True
+
+
+def method_specs(specs: Iterable[MethodSpec]) -> tuple[MethodSpec, ...]:
+    """The converter of spec fields (a plain ``tuple``, typed for attrs' checker)."""
+    return tuple(specs)
 
 
 @implementer(IMethodProvider)
@@ -55,7 +80,7 @@ class MethodSpec:
 class StaticMethods:
     """An ``IMethodProvider`` over a fixed list of specs (for embedders)."""
 
-    specs: tuple[MethodSpec, ...] = attrs.field(converter=tuple)
+    specs: tuple[MethodSpec, ...] = attrs.field(converter=method_specs)
 
     def methods(self) -> Iterable[MethodSpec]:
         return self.specs

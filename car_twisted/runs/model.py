@@ -12,10 +12,16 @@ from __future__ import annotations
 
 import datetime
 import re
-from typing import Any
+from typing import TYPE_CHECKING
 
 import attrs
 import orjson
+from twisted.internet.interfaces import IDelayedCall
+
+from car_twisted.rpc.envelope import JsonValue
+
+if TYPE_CHECKING:
+    from car_twisted.session import ClientSession
 
 __all__ = [
     "RECORD_TURNS_RUN_CEILING",
@@ -24,6 +30,7 @@ __all__ = [
     "MAX_TURN_BYTES",
     "MAX_TURN_STRING",
     "RunMeta",
+    "RunRecord",
     "StoredRun",
     "Appended",
     "RunNotFound",
@@ -52,8 +59,11 @@ _TRUNCATED = "…[truncated]"
 _REPLACED = "…[truncated: turn exceeded 256 KiB]"
 _KEY = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
+#: One record of a run's log (``started``, ``turn``, ``ended``), or its summary.
+RunRecord = dict[str, JsonValue]
 
-def valid_key(value: Any) -> bool:
+
+def valid_key(value: object) -> bool:
     """Run ids and agent ids name files: a safe alphabet, never . or .."""
     return type(value) is str and bool(_KEY.match(value)) and value not in (".", "..")
 
@@ -75,8 +85,8 @@ class RunMeta:
     status: str = "in_progress"
     turn_count: int = 0
     ended_at: str | None = None
-    owner: Any = attrs.field(default=None, repr=False)
-    grace_timer: Any = attrs.field(default=None, repr=False)
+    owner: ClientSession | None = attrs.field(default=None, repr=False)
+    grace_timer: IDelayedCall | None = attrs.field(default=None, repr=False)
     # True while the run holds a pin on ``owner`` (from runs.start until
     # it is terminal or the owner's connection closes).
     pinned: bool = attrs.field(default=False, repr=False)
@@ -85,8 +95,8 @@ class RunMeta:
     def terminal(self) -> bool:
         return self.status != "in_progress"
 
-    def started_record(self) -> dict[str, Any]:
-        record = {
+    def started_record(self) -> RunRecord:
+        record: RunRecord = {
             "record": "started",
             "run_id": self.run_id,
             "agent_id": self.agent_id,
@@ -99,8 +109,8 @@ class RunMeta:
             record["outcome_description"] = self.outcome_description
         return record
 
-    def summary(self) -> dict[str, Any]:
-        out = {
+    def summary(self) -> RunRecord:
+        out: RunRecord = {
             "run_id": self.run_id,
             "agent_id": self.agent_id,
             "intent": self.intent,
@@ -132,7 +142,7 @@ class StoredRun:
     ended: bool
 
 
-def epoch_seconds(stamp: Any) -> float | None:
+def epoch_seconds(stamp: object) -> float | None:
     """An RFC 3339 timestamp (``started_at``) as epoch seconds, or None."""
     if type(stamp) is not str:
         return None
@@ -174,7 +184,7 @@ class TurnTooLarge:
 RecordRunTurnsOutcome = Appended | RunNotFound | RunTerminal | RunCeiling | TurnTooLarge
 
 
-def _truncate(value: Any) -> Any:
+def _truncate(value: JsonValue) -> JsonValue:
     if type(value) is str:
         return value if len(value) <= MAX_TURN_STRING else value[:MAX_TURN_STRING] + _TRUNCATED
     if type(value) is list:
@@ -184,7 +194,7 @@ def _truncate(value: Any) -> Any:
     return value
 
 
-def bound_turn(turn: dict[str, Any]) -> dict[str, Any] | None:
+def bound_turn(turn: RunRecord) -> RunRecord | None:
     """
     The turn as it will be stored: long strings truncated, then the
     free-form fields replaced if the whole still passes the byte cap.

@@ -16,17 +16,18 @@ from __future__ import annotations
 import collections
 import re
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, cast
 
 import orjson
 from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from car_twisted._util import iso_utc
 from car_twisted.errors import InvalidParams, RpcError
-from car_twisted.interfaces import ISessionFeature
-from car_twisted.rpc.envelope import encode_notification
+from car_twisted.interfaces import IRunStore, ISessionFeature
+from car_twisted.rpc.envelope import JsonValue, encode_notification
 from car_twisted.runs.model import (
     MAX_TURNS_PER_BATCH,
     RECORD_TURNS_RUN_CEILING,
@@ -35,12 +36,19 @@ from car_twisted.runs.model import (
     RunCeiling,
     RunMeta,
     RunNotFound,
+    RunRecord,
     RunTerminal,
     TurnTooLarge,
     bound_turn,
     valid_key,
 )
 from car_twisted.runs.retention import RunLimits, StoreRetention, limit_error
+
+if TYPE_CHECKING:
+    from car_twisted.config import ServerStateConfig
+    from car_twisted.methods.runs import StartParams
+    from car_twisted.proposal.ir import ActionProposal, ProposalResult
+    from car_twisted.session import ClientSession
 
 __all__ = ["RunRegistry", "RunConnection", "MAX_PAGE_BYTES", "SUBSCRIBER_BACKLOG_BYTES"]
 
@@ -61,7 +69,7 @@ def _slug(name: str) -> str:
 class _Subscriber:
     """One (connection, run) subscription with its bounded backlog."""
 
-    def __init__(self, session: Any, run_id: str) -> None:
+    def __init__(self, session: ClientSession, run_id: str) -> None:
         self.session = session
         self.run_id = run_id
         self.backlog: collections.deque[bytes] = collections.deque()
@@ -95,7 +103,7 @@ class RunConnection:
     connection themselves; closing it starts the runs' grace windows.
     """
 
-    def __init__(self, registry: "RunRegistry", session: Any) -> None:
+    def __init__(self, registry: RunRegistry, session: ClientSession) -> None:
         self.registry = registry
         self.session = session
         self.current_run: str | None = None
@@ -110,7 +118,9 @@ class RunConnection:
 class RunRegistry:
     _log = Logger()
 
-    def __init__(self, clock: Any, store: Any, grace: float, config: Any = None) -> None:
+    def __init__(
+        self, clock: IReactorTime, store: IRunStore, grace: float, config: ServerStateConfig | None = None
+    ) -> None:
         self.clock = clock
         self.store = store
         self.grace = grace
@@ -127,19 +137,19 @@ class RunRegistry:
     # -- helpers ---------------------------------------------------------------------
 
     @staticmethod
-    def entitled(session: Any, agent_id: str) -> bool:
+    def entitled(session: ClientSession, agent_id: str) -> bool:
         """Reads: the owning agent's own connection or the host role."""
         return session.is_host or session.agent_id == agent_id
 
-    def connection(self, session: Any) -> "RunConnection":
+    def connection(self, session: ClientSession) -> RunConnection:
         """C{session}'s part in run tracing, made on first use."""
         return session.feature(RunConnection, self._new_connection)
 
-    def _new_connection(self, session: Any) -> "RunConnection":
+    def _new_connection(self, session: ClientSession) -> RunConnection:
         session.channel.on_resume(lambda: self._drain(session))
         return RunConnection(self, session)
 
-    def _drain(self, session: Any) -> None:
+    def _drain(self, session: ClientSession) -> None:
         for subs in self._subscribers.values():
             sub = subs.get(session.client_id)
             if sub is not None:
@@ -154,7 +164,7 @@ class RunRegistry:
                     if len(self.runs) <= MAX_REMEMBERED_RUNS:
                         break
 
-    def _fan_out(self, meta: RunMeta, record: dict[str, Any], cursor: int) -> None:
+    def _fan_out(self, meta: RunMeta, record: RunRecord, cursor: int) -> None:
         subs = self._subscribers.get(meta.run_id)
         if not subs:
             return
@@ -165,21 +175,21 @@ class RunRegistry:
         for sub in list(subs.values()):
             sub.push(frame)
 
-    def _persist(self, meta: RunMeta, records: list[dict[str, Any]]) -> Any:
+    def _persist(self, meta: RunMeta, records: list[RunRecord]) -> Deferred[int | None]:
         """Lifecycle records (started, ended): the record, then the summary."""
         d = self._append(meta, records)
         d.addCallback(lambda _: self.store.write_summary(meta.summary()))
         return d.addCallback(self._summary_written, meta)
 
-    def _append(self, meta: RunMeta, records: list[dict[str, Any]]) -> Deferred:
+    def _append(self, meta: RunMeta, records: list[RunRecord]) -> Deferred[int | None]:
         """Every append of the registry: the store's, with its bytes booked."""
         return self.store.append(meta.agent_id, meta.run_id, records).addCallback(self._grown, meta)
 
-    def _grown(self, written: Any, meta: RunMeta) -> Any:
+    def _grown(self, written: int | None, meta: RunMeta) -> int | None:
         self.retention.grew(meta.agent_id, meta.run_id, written)
         return written
 
-    def _summary_written(self, size: Any, meta: RunMeta) -> Any:
+    def _summary_written(self, size: int | None, meta: RunMeta) -> int | None:
         self.retention.summary_written(meta.agent_id, meta.run_id, size)
         return size
 
@@ -190,7 +200,7 @@ class RunRegistry:
 
     # -- open runs ---------------------------------------------------------------------------
 
-    def _check_room(self, session: Any, agent_id: str) -> None:
+    def _check_room(self, session: ClientSession, agent_id: str) -> None:
         """The open-run caps and the store quota, before a new run."""
         limit = self.limits.open_per_agent
         if self._open_by_agent[agent_id] >= limit:
@@ -209,7 +219,7 @@ class RunRegistry:
         if self.retention.full():
             raise self.retention.full_error()
 
-    def _opened(self, meta: RunMeta, session: Any) -> None:
+    def _opened(self, meta: RunMeta, session: ClientSession) -> None:
         self._open_by_agent[meta.agent_id] += 1
         self._open_by_client[session.client_id] += 1
         # An open run keeps its connection from being reaped as idle.
@@ -232,7 +242,7 @@ class RunRegistry:
 
     # -- runs.start ------------------------------------------------------------------------
 
-    async def start(self, session: Any, p: Any) -> dict[str, Any]:
+    async def start(self, session: ClientSession, p: StartParams) -> dict[str, object]:
         agent_id = self._resolve_agent(session, p)
         key = p.idempotency_key
         if key is not None and not valid_key(key):
@@ -284,7 +294,7 @@ class RunRegistry:
     def _mint(self) -> str:
         return str(uuid.uuid4())
 
-    def _resolve_agent(self, session: Any, p: Any) -> str:
+    def _resolve_agent(self, session: ClientSession, p: StartParams) -> str:
         bound = session.agent_id
         if p.agent_id is not None:
             if not valid_key(p.agent_id):
@@ -310,7 +320,7 @@ class RunRegistry:
             "cannot resolve the run's agent: bind the connection (session.auth {agent_id, token}) or give agent_name",
         )
 
-    async def _existing(self, key: str, agent_id: str) -> RunMeta | dict | None:
+    async def _existing(self, key: str, agent_id: str) -> RunMeta | dict[str, str] | None:
         meta = self.runs.get(key)
         if meta is None:
             owner = await self.store.find(key)
@@ -327,7 +337,9 @@ class RunRegistry:
 
     # -- runs.record_turns ----------------------------------------------------------------------
 
-    def reserve(self, session: Any, run_id: Any, turns: Any) -> tuple[RecordRunTurnsOutcome, Any]:
+    def reserve(
+        self, session: ClientSession, run_id: object, turns: object
+    ) -> tuple[RecordRunTurnsOutcome, tuple[RunMeta, list[RunRecord]] | None]:
         """
         Validate, bound and reserve a batch in one synchronous step.
         @return: the outcome and, when appended, the records to write.
@@ -347,31 +359,32 @@ class RunRegistry:
             return RunTerminal(), None
         if self.retention.full():
             raise self.retention.full_error()
-        bounded = [bound_turn(t) for t in turns]
-        if any(b is None for b in bounded):
+        bounded = [b for b in (bound_turn(t) for t in turns) if b is not None]
+        if len(bounded) < len(turns):
             return TurnTooLarge(), None
         if meta.turn_count + len(bounded) > RECORD_TURNS_RUN_CEILING:
             return RunCeiling(), None
         base = meta.turn_count
         meta.turn_count += len(bounded)
-        records = [{"record": "turn", "index": base + i, **b} for i, b in enumerate(bounded)]
+        records: list[RunRecord] = [{"record": "turn", "index": base + i, **b} for i, b in enumerate(bounded)]
         return Appended(base, len(records)), (meta, records)
 
-    async def record(self, session: Any, run_id: Any, turns: Any) -> dict[str, Any]:
+    async def record(self, session: ClientSession, run_id: object, turns: object) -> dict[str, object]:
         outcome, work = self.reserve(session, run_id, turns)
         if not isinstance(outcome, Appended):
             return {"run_id": run_id, "base_index": 0, "count": 0, "ok": False, "dropped": outcome.dropped}
+        assert work is not None  # reserve pairs every Appended with its records
         meta, records = work
         try:
             await self._append(meta, records)
         except Exception:
             self._log.failure("run store append failed for {run_id}", run_id=meta.run_id)
             raise RpcError(f"run {meta.run_id}: the turns could not be stored") from None
-        for record in records:
-            self._fan_out(meta, record, record["index"] + 1)
+        for i, record in enumerate(records):
+            self._fan_out(meta, record, outcome.base_index + i + 1)
         return {"run_id": meta.run_id, "base_index": outcome.base_index, "count": outcome.count, "ok": True}
 
-    async def record_proposal(self, session: Any, proposal: Any, result: Any) -> None:
+    async def record_proposal(self, session: ClientSession, proposal: ActionProposal, result: ProposalResult) -> None:
         """
         The proposal recorder: each action that was attempted or rejected
         becomes a turn of the session's current run, through the same
@@ -383,12 +396,12 @@ class RunRegistry:
         if run_id is None:
             return
         actions = {a.id: a for a in proposal.actions}
-        turns = []
+        turns: list[RunRecord] = []
         for res in result.results:
             if res.status == "skipped":
                 continue
             action = actions[res.action_id]
-            turn = {
+            turn: RunRecord = {
                 "action_id": res.action_id,
                 "tool": action.tool or action.type,
                 "parameters": action.parameters,
@@ -416,7 +429,7 @@ class RunRegistry:
 
     # -- runs.complete and the grace window ---------------------------------------------------------
 
-    async def complete(self, session: Any, run_id: str, outcome: Any) -> dict[str, Any]:
+    async def complete(self, session: ClientSession, run_id: str, outcome: JsonValue) -> dict[str, object]:
         meta = self.runs.get(run_id)
         if meta is None:
             # Known only to the disk: a run from an earlier daemon life, which
@@ -433,11 +446,11 @@ class RunRegistry:
         await self._end(meta, "completed", {"outcome": outcome})
         return {"run_id": run_id, "ok": True}
 
-    async def _end(self, meta: RunMeta, status: str, extra: dict[str, Any]) -> None:
+    async def _end(self, meta: RunMeta, status: str, extra: RunRecord) -> None:
         meta.status = status
         meta.ended_at = iso_utc(self.clock.seconds())
         self._closed(meta)
-        record = {"record": "ended", "status": status, "ended_at": meta.ended_at, **extra}
+        record: RunRecord = {"record": "ended", "status": status, "ended_at": meta.ended_at, **extra}
         try:
             await self._persist(meta, [record])
         finally:
@@ -453,7 +466,7 @@ class RunRegistry:
             meta.grace_timer.cancel()
         meta.grace_timer = None
 
-    def session_closed(self, session: Any) -> None:
+    def session_closed(self, session: ClientSession) -> None:
         for run_id in list(self._subscribers):
             subs = self._subscribers[run_id]
             subs.pop(session.client_id, None)
@@ -475,7 +488,7 @@ class RunRegistry:
         d = self._end_now(meta)
         d.addErrback(lambda f: self._log.failure("marking run {run_id} incomplete failed", failure=f, run_id=meta.run_id))
 
-    def _end_now(self, meta: RunMeta) -> Any:
+    def _end_now(self, meta: RunMeta) -> Deferred[None]:
         return ensureDeferred(self._end(meta, "incomplete", {"reason": "connection closed without runs.complete"}))
 
     def shutdown(self) -> None:
@@ -493,12 +506,12 @@ class RunRegistry:
             return meta.agent_id
         return await self.store.find(run_id)
 
-    async def subscribe(self, session: Any, run_id: str) -> dict[str, Any]:
+    async def subscribe(self, session: ClientSession, run_id: str) -> dict[str, object]:
         agent_id = await self._locate(run_id)
         if agent_id is None or not self.entitled(session, agent_id):
             raise self._forbidden(f"runs.subscribe {run_id}")
-        subs = sum(1 for s in self._subscribers.values() if session.client_id in s)
-        if subs >= MAX_SUBSCRIPTIONS_PER_SESSION:
+        count = sum(1 for s in self._subscribers.values() if session.client_id in s)
+        if count >= MAX_SUBSCRIPTIONS_PER_SESSION:
             raise RpcError(f"too many run subscriptions on this connection (at most {MAX_SUBSCRIPTIONS_PER_SESSION})")
         self.connection(session)
         records = await self.store.read(agent_id, run_id) or []
@@ -516,13 +529,13 @@ class RunRegistry:
         turns = [r for r in records if r.get("record") == "turn"]
         cursor = len(turns)
         shown, truncated = _fit(turns)
-        out = {"run_id": run_id, "agent_id": agent_id, "turns_so_far": shown, "cursor": cursor, "status": status}
+        out: dict[str, object] = {"run_id": run_id, "agent_id": agent_id, "turns_so_far": shown, "cursor": cursor, "status": status}
         if truncated:
             out["truncated"] = True
             out["first_index"] = cursor - len(shown)
         return out
 
-    def unsubscribe(self, session: Any, run_id: str) -> dict[str, Any]:
+    def unsubscribe(self, session: ClientSession, run_id: str) -> dict[str, object]:
         subs = self._subscribers.get(run_id, {})
         removed = subs.pop(session.client_id, None) is not None
         if removed:
@@ -532,15 +545,18 @@ class RunRegistry:
         return {"run_id": run_id, "removed": removed}
 
     @staticmethod
-    def _disk_status(records: list[dict[str, Any]]) -> str:
+    def _disk_status(records: list[RunRecord]) -> str:
         if records and records[-1].get("record") == "ended":
             return str(records[-1].get("status", "completed"))
         return "incomplete"
 
-    async def list(self, session: Any, agent_id: str) -> dict[str, Any]:
+    async def list(self, session: ClientSession, agent_id: str) -> dict[str, object]:
         if not valid_key(agent_id) or not self.entitled(session, agent_id):
             raise self._forbidden(f"runs.list {agent_id}")
-        by_id = {s["run_id"]: s for s in await self.store.summaries(agent_id) if type(s) is dict and "run_id" in s}
+        # Summaries are the registry's own (RunMeta.summary): string ids and times.
+        by_id = {
+            cast(str, s["run_id"]): s for s in await self.store.summaries(agent_id) if type(s) is dict and "run_id" in s
+        }
         for run_id, summary in list(by_id.items()):
             if run_id in self.runs:
                 continue
@@ -552,10 +568,10 @@ class RunRegistry:
         for meta in self.runs.values():
             if meta.agent_id == agent_id:
                 by_id[meta.run_id] = meta.summary()
-        runs = sorted(by_id.values(), key=lambda s: s.get("started_at", ""), reverse=True)
+        runs = sorted(by_id.values(), key=lambda s: cast(str, s.get("started_at", "")), reverse=True)
         return {"agent_id": agent_id, "runs": runs}
 
-    async def get_trace(self, session: Any, run_id: str, cursor: int) -> dict[str, Any]:
+    async def get_trace(self, session: ClientSession, run_id: str, cursor: int) -> dict[str, object]:
         agent_id = await self._locate(run_id) if valid_key(run_id) else None
         if agent_id is None:
             return {"run_id": run_id, "not_found": True}
@@ -569,7 +585,7 @@ class RunRegistry:
         if not active and (not records or records[-1].get("record") != "ended"):
             records.append({"record": "ended", "status": "incomplete", "reason": "no terminal record: the daemon stopped during the run"})
         page, truncated = _fit(records[cursor:], from_start=True)
-        out = {"run_id": run_id, "agent_id": agent_id, "records": page, "cursor": cursor}
+        out: dict[str, object] = {"run_id": run_id, "agent_id": agent_id, "records": page, "cursor": cursor}
         if truncated:
             out["next_cursor"] = cursor + len(page)
         return out
@@ -582,11 +598,11 @@ def _decrement(counter: collections.Counter[str], key: str) -> None:
         counter.pop(key, None)
 
 
-def _fit(records: list[dict[str, Any]], from_start: bool = False) -> tuple[list[dict[str, Any]], bool]:
+def _fit(records: list[RunRecord], from_start: bool = False) -> tuple[list[RunRecord], bool]:
     """The records that fit in one reply (from the start, or the newest)."""
     total = 0
     order = records if from_start else list(reversed(records))
-    kept = []
+    kept: list[RunRecord] = []
     for record in order:
         size = len(orjson.dumps(record))
         if kept and total + size > MAX_PAGE_BYTES:

@@ -21,14 +21,20 @@ live ones, which the open-run caps bound.
 from __future__ import annotations
 
 import collections
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, cast
 
 import attrs
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from car_twisted.errors import RpcError
+from car_twisted.interfaces import IRunStore
 from car_twisted.runs.model import StoredRun
+
+if TYPE_CHECKING:
+    from car_twisted.config import ServerStateConfig
 
 __all__ = ["RunLimits", "RetentionIndex", "IndexedRun", "StoreRetention", "limit_error"]
 
@@ -53,14 +59,15 @@ class RunLimits:
     total: int
 
     @classmethod
-    def from_config(cls, config: Any) -> "RunLimits":
+    def from_config(cls, config: ServerStateConfig | None) -> RunLimits:
         """The bounds of C{config}, or the defaults when it is None."""
         from car_twisted.config import ServerStateConfig
 
         defaults = attrs.fields_dict(ServerStateConfig)
 
         def pick(name: str) -> int:
-            return int(getattr(config, name) if config is not None else defaults[name].default)
+            # Each of these fields is an int with an int default.
+            return int(getattr(config, name) if config is not None else cast(int, defaults[name].default))
 
         return cls(
             open_per_agent=pick("max_open_runs_per_agent"),
@@ -219,25 +226,25 @@ class StoreRetention:
 
     _log = Logger()
 
-    def __init__(self, store: Any, limits: RunLimits, on_pruned: Callable[[str, str], None]) -> None:
+    def __init__(self, store: IRunStore, limits: RunLimits, on_pruned: Callable[[str, str], None]) -> None:
         self.store = store
         self.limits = limits
         self.on_pruned = on_pruned
         self.index: RetentionIndex | None = None
-        self._waiters: list[Deferred] = []
+        self._waiters: list[Deferred[RetentionIndex]] = []
 
-    def ready(self) -> Deferred:
+    def ready(self) -> Deferred[RetentionIndex]:
         """Fires once the index is built (with it), or fails if the store could not be read."""
         if self.index is not None:
             return succeed(self.index)
-        d: Deferred = Deferred()
+        d: Deferred[RetentionIndex] = Deferred()
         self._waiters.append(d)
         if len(self._waiters) == 1:
             scan = maybeDeferred(self.store.inventory)
             scan.addCallback(self._inventoried).addErrback(self._inventory_failed)
         return d
 
-    def _inventoried(self, stored: Any) -> None:
+    def _inventoried(self, stored: Iterable[StoredRun] | None) -> None:
         self.index = RetentionIndex(self.limits, stored or ())
         self._log.info("run store holds {count} runs, {bytes} bytes", count=len(self.index), bytes=self.index.bytes)
         # A store left over the limits (by smaller limits, or an older
@@ -247,7 +254,7 @@ class StoreRetention:
         for d in waiters:
             d.callback(self.index)
 
-    def _inventory_failed(self, failure: Any) -> None:
+    def _inventory_failed(self, failure: Failure) -> None:
         self._log.failure("run store inventory failed", failure=failure)
         # The waiting starts fail; the next one tries again.
         self.index = None
@@ -261,11 +268,11 @@ class StoreRetention:
         if self.index is not None:
             self.index.add(agent_id, run_id)
 
-    def grew(self, agent_id: str, run_id: str, written: Any) -> None:
+    def grew(self, agent_id: str, run_id: str, written: int | None) -> None:
         if self.index is not None and type(written) is int:
             self.index.grow(agent_id, run_id, written)
 
-    def summary_written(self, agent_id: str, run_id: str, size: Any) -> None:
+    def summary_written(self, agent_id: str, run_id: str, size: int | None) -> None:
         if self.index is not None and type(size) is int:
             self.index.set_summary(agent_id, run_id, size)
 

@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import TypeVar, cast
 
+import attrs
 import orjson
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.logger import Logger
@@ -30,15 +32,26 @@ from zope.interface import implementer
 from car_twisted._util import off_reactor
 from car_twisted.interfaces import IRunStore
 from car_twisted.private_files import ensure_private_dir, open_private, read_private
-from car_twisted.runs.model import StoredRun, epoch_seconds, valid_key
+from car_twisted.runs.model import RunRecord, StoredRun, epoch_seconds, valid_key
 
 __all__ = ["JsonlRunStore", "read_records"]
 
 _LOG = ".jsonl"
 _SUMMARY = ".summary.json"
+R = TypeVar("R")
 
 
-def read_records(path: Path) -> list[dict[str, Any]] | None:
+@attrs.define
+class _RunFiles:
+    """What one run takes in its agent's directory."""
+
+    log_bytes: int = 0
+    summary_bytes: int = 0
+    mtime: float | None = None
+    summary: Path | None = None
+
+
+def read_records(path: Path) -> list[RunRecord] | None:
     """Every whole record of a run file; a torn or corrupt tail is skipped."""
     try:
         data = read_private(path)
@@ -61,11 +74,12 @@ def read_records(path: Path) -> list[dict[str, Any]] | None:
 class JsonlRunStore:
     _log = Logger()
 
-    def __init__(self, reactor: Any, root: Path, fsync: bool = False) -> None:
+    def __init__(self, reactor: object, root: Path, fsync: bool = False) -> None:
         self.reactor = reactor
         self.root = root
         self.fsync = fsync
-        self._queues: dict[str, list[Any]] = {}
+        # run id -> [the Deferred each operation chains on, how many are pending]
+        self._queues: dict[str, list[object]] = {}
 
     # -- paths ---------------------------------------------------------------------
 
@@ -81,38 +95,38 @@ class JsonlRunStore:
 
     # -- off the reactor -----------------------------------------------------------
 
-    def _blocking(self, fn: Callable[..., Any], *args: Any) -> Deferred:
+    def _blocking(self, fn: Callable[..., R], *args: object) -> Deferred[R]:
         return off_reactor(self.reactor, fn, *args)
 
-    def _serial(self, run_id: str, fn: Callable[..., Any], *args: Any) -> Deferred:
+    def _serial(self, run_id: str, fn: Callable[..., R], *args: object) -> Deferred[R]:
         """Run C{fn} in a thread after every earlier operation on C{run_id}."""
         queue = self._queues.get(run_id)
         if queue is None:
             queue = self._queues[run_id] = [succeed(None), 0]
-        queue[1] += 1
-        result: Deferred = Deferred()
+        queue[1] = cast(int, queue[1]) + 1
+        result: Deferred[R] = Deferred()
 
-        def go(_: Any) -> Deferred:
+        def go(_: object) -> Deferred[None]:
             # chainDeferred leaves the queue's own chain with None, errors
             # included, so one failed write does not stall the next.
             return self._blocking(fn, *args).chainDeferred(result)
 
-        def done(_: Any) -> None:
-            queue[1] -= 1
+        def done(_: object) -> None:
+            queue[1] = cast(int, queue[1]) - 1
             if queue[1] == 0 and self._queues.get(run_id) is queue:
                 del self._queues[run_id]
 
-        queue[0].addCallback(go).addCallback(done)
+        cast("Deferred[None]", queue[0]).addCallback(go).addCallback(done)
         return result
 
     # -- IRunStore ---------------------------------------------------------------------
 
-    def append(self, agent_id: str, run_id: str, records: list[dict[str, Any]]) -> Deferred:
+    def append(self, agent_id: str, run_id: str, records: list[RunRecord]) -> Deferred[int | None]:
         path = self._file(agent_id, run_id)
         payload = b"".join(orjson.dumps(r) + b"\n" for r in records)
         return self._serial(run_id, self._write, path, payload)
 
-    def _write(self, path: Path, payload: bytes) -> int:
+    def _write(self, path: Path, payload: bytes) -> int | None:
         fd = self._open_log(path)
         try:
             view = memoryview(payload)
@@ -137,20 +151,22 @@ class JsonlRunStore:
                 ensure_private_dir(path.parent)
         return open_private(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
 
-    def write_summary(self, summary: dict[str, Any]) -> Deferred:
-        path = self._file(summary["agent_id"], summary["run_id"]).with_suffix(_SUMMARY)
-        return self._serial(summary["run_id"], self._replace, path, json.dumps(summary))
+    def write_summary(self, summary: RunRecord) -> Deferred[int | None]:
+        # The registry's summaries (RunMeta.summary) name their run as strings.
+        agent_id, run_id = cast(str, summary["agent_id"]), cast(str, summary["run_id"])
+        path = self._file(agent_id, run_id).with_suffix(_SUMMARY)
+        return self._serial(run_id, self._replace, path, json.dumps(summary))
 
-    def _replace(self, path: Path, text: str) -> int:
+    def _replace(self, path: Path, text: str) -> int | None:
         from car_twisted.auth import write_secret_file
 
         write_secret_file(path, text)
         return len(text.encode()) + 1  # write_secret_file adds a newline
 
-    def read(self, agent_id: str, run_id: str) -> Deferred:
+    def read(self, agent_id: str, run_id: str) -> Deferred[list[RunRecord] | None]:
         return self._serial(run_id, read_records, self._file(agent_id, run_id))
 
-    def find(self, run_id: str) -> Deferred:
+    def find(self, run_id: str) -> Deferred[str | None]:
         if not valid_key(run_id):
             return maybeDeferred(lambda: None)
 
@@ -166,11 +182,11 @@ class JsonlRunStore:
 
         return self._blocking(look)
 
-    def summaries(self, agent_id: str) -> Deferred:
+    def summaries(self, agent_id: str) -> Deferred[list[RunRecord]]:
         directory = self._dir(agent_id)
 
-        def scan() -> list[dict[str, Any]]:
-            out = []
+        def scan() -> list[RunRecord]:
+            out: list[RunRecord] = []
             try:
                 names = os.listdir(directory)
             except FileNotFoundError:
@@ -186,7 +202,7 @@ class JsonlRunStore:
 
         return self._blocking(scan)
 
-    def inventory(self) -> Deferred:
+    def inventory(self) -> Deferred[list[StoredRun]]:
         return self._blocking(self._scan_all)
 
     def _scan_all(self) -> list[StoredRun]:
@@ -205,8 +221,7 @@ class JsonlRunStore:
             entries = list(os.scandir(directory))
         except (FileNotFoundError, NotADirectoryError):
             return []
-        # run id -> [log bytes, summary bytes, log mtime, summary path]
-        found: dict[str, list[Any]] = {}
+        found: dict[str, _RunFiles] = {}
         for entry in entries:
             name = entry.name
             if name.endswith(_SUMMARY):
@@ -221,29 +236,29 @@ class JsonlRunStore:
                 st = entry.stat()
             except FileNotFoundError:
                 continue
-            slot = found.setdefault(run_id, [0, 0, None, None])
+            slot = found.setdefault(run_id, _RunFiles())
             if is_log:
-                slot[0], slot[2] = st.st_size, st.st_mtime
+                slot.log_bytes, slot.mtime = st.st_size, st.st_mtime
             else:
-                slot[1], slot[3] = st.st_size, Path(entry.path)
-                if slot[2] is None:
-                    slot[2] = st.st_mtime
+                slot.summary_bytes, slot.summary = st.st_size, Path(entry.path)
+                if slot.mtime is None:
+                    slot.mtime = st.st_mtime
         runs = []
-        for run_id, (log_bytes, summary_bytes, mtime, summary_path) in found.items():
-            summary = self._load_summary(summary_path) if summary_path is not None else {}
+        for run_id, files in found.items():
+            summary = self._load_summary(files.summary) if files.summary is not None else {}
             started = epoch_seconds(summary.get("started_at"))
             runs.append(
                 StoredRun(
                     agent_id=agent_id,
                     run_id=run_id,
-                    bytes=log_bytes + summary_bytes,
-                    started=started if started is not None else float(mtime or 0.0),
+                    bytes=files.log_bytes + files.summary_bytes,
+                    started=started if started is not None else float(files.mtime or 0.0),
                     ended=summary.get("status", "in_progress") != "in_progress",
                 )
             )
         return runs
 
-    def _load_summary(self, path: Path) -> dict[str, Any]:
+    def _load_summary(self, path: Path) -> RunRecord:
         try:
             summary = json.loads(read_private(path))
         except (OSError, ValueError):
@@ -251,7 +266,7 @@ class JsonlRunStore:
             return {}
         return summary if type(summary) is dict else {}
 
-    def delete(self, agent_id: str, run_id: str) -> Deferred:
+    def delete(self, agent_id: str, run_id: str) -> Deferred[None]:
         return self._serial(run_id, self._remove, self._file(agent_id, run_id))
 
     @staticmethod

@@ -13,12 +13,15 @@ connections.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Callable
+from collections.abc import Callable, Hashable
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 __all__ = ["Admission"]
+
+# A guest is any hashable handle on its connection (the protocol itself).
+Guest = Hashable
 
 
 class Admission:
@@ -40,8 +43,8 @@ class Admission:
         self.evicted = 0
         self.expired = 0
         # Oldest first, in all and per peer; values are (peer, timer, drop).
-        self._guests: OrderedDict[Any, tuple[str, IDelayedCall, Callable[[], None]]] = OrderedDict()
-        self._by_peer: dict[str, OrderedDict[Any, None]] = {}
+        self._guests: OrderedDict[Guest, tuple[str, IDelayedCall, Callable[[], None]]] = OrderedDict()
+        self._by_peer: dict[str, OrderedDict[Guest, None]] = {}
 
     def __len__(self) -> int:
         return len(self._guests)
@@ -49,7 +52,7 @@ class Admission:
     def guests_of(self, peer: str) -> int:
         return len(self._by_peer.get(peer, ()))
 
-    def admit(self, conn: Any, peer: str, expire: Callable[[], None], drop: Callable[[], None]) -> None:
+    def admit(self, conn: Guest, peer: str, expire: Callable[[], None], drop: Callable[[], None]) -> None:
         """
         Take C{conn} as a guest from C{peer}, making room first.
 
@@ -65,15 +68,15 @@ class Admission:
         self._guests[conn] = (peer, timer, drop)
         self._by_peer.setdefault(peer, OrderedDict())[conn] = None
 
-    def authenticated(self, conn: Any) -> None:
+    def authenticated(self, conn: Guest) -> None:
         """C{conn} is a guest no more."""
         self._forget(conn)
 
-    def gone(self, conn: Any) -> None:
+    def gone(self, conn: Guest) -> None:
         """C{conn} disconnected."""
         self._forget(conn)
 
-    def _forget(self, conn: Any) -> tuple[str, IDelayedCall, Callable[[], None]] | None:
+    def _forget(self, conn: Guest) -> tuple[str, IDelayedCall, Callable[[], None]] | None:
         entry = self._guests.pop(conn, None)
         if entry is None:
             return None
@@ -86,7 +89,7 @@ class Admission:
             del self._by_peer[peer]
         return entry
 
-    def _evict(self, conn: Any) -> None:
+    def _evict(self, conn: Guest) -> None:
         entry = self._forget(conn)
         if entry is None:
             return
@@ -94,7 +97,7 @@ class Admission:
         self._log.debug("unauthenticated connection from {peer} dropped to make room", peer=entry[0])
         entry[2]()
 
-    def _expire(self, conn: Any, expire: Callable[[], None]) -> None:
+    def _expire(self, conn: Guest, expire: Callable[[], None]) -> None:
         if self._forget(conn) is not None:
             self.expired += 1
             expire()

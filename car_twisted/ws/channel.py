@@ -12,7 +12,7 @@ entry leaves the table exactly once, with its timer cancelled.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
 
 import attrs
 from twisted.internet.defer import Deferred, fail
@@ -21,7 +21,7 @@ from twisted.logger import Logger
 
 from car_twisted.errors import CallbackTimeout, CallbackUnencodable, ChannelClosed, ClientRpcError
 from car_twisted.interfaces import IWsSink
-from car_twisted.rpc.envelope import encode_notification, encode_request
+from car_twisted.rpc.envelope import JsonValue, encode_notification, encode_request
 
 __all__ = ["WsChannel", "DEFAULT_MAX_PENDING"]
 
@@ -31,7 +31,7 @@ DEFAULT_MAX_PENDING = 1024
 @attrs.define
 class _Pending:
     method: str
-    deferred: Deferred
+    deferred: Deferred[JsonValue]
     timer: IDelayedCall | None
 
 
@@ -79,7 +79,7 @@ class WsChannel:
             return False
         return self.sink.send_text(frame)
 
-    def notify(self, method: str, params: Any) -> bool:
+    def notify(self, method: str, params: object) -> bool:
         """Send a notification (no reply expected); False if not sent."""
         try:
             frame = encode_notification(method, params)
@@ -98,10 +98,10 @@ class WsChannel:
     def request(
         self,
         method: str,
-        params: Any,
+        params: object,
         timeout: float | None,
         request_id: str | None = None,
-    ) -> Deferred:
+    ) -> Deferred[JsonValue]:
         """
         Send a request to the client and wait for its response.
 
@@ -119,10 +119,10 @@ class WsChannel:
         except (TypeError, ValueError) as e:
             return fail(CallbackUnencodable(method, str(e)))
 
-        def forget(d: Deferred) -> None:
+        def forget(d: Deferred[JsonValue]) -> None:
             self._pop(rid)
 
-        d: Deferred = Deferred(forget)
+        d: Deferred[JsonValue] = Deferred(forget)
         if self.closed:
             d.errback(ChannelClosed(f"connection closed before {method}"))
             return d
@@ -143,7 +143,7 @@ class WsChannel:
             self._fail(rid, ChannelClosed(f"connection closed before {method}"))
         return d
 
-    def deliver(self, response_id: Any, result: Any = None, error: Any = None) -> bool:
+    def deliver(self, response_id: JsonValue, result: JsonValue = None, error: JsonValue = None) -> bool:
         """
         Route the client's response to its pending request.
 

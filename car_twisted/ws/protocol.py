@@ -26,22 +26,28 @@ from __future__ import annotations
 import collections
 import fnmatch
 import ipaddress
-from typing import Any
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from autobahn.exception import Disconnected
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.protocol import WebSocketProtocol
-from autobahn.websocket.types import ConnectionDeny
+from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IAddress, IDelayedCall, IPushProducer, IReactorTime, ITransport
+from twisted.internet.protocol import connectionDone
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from car_twisted.interfaces import IWsSink
 from car_twisted.rpc.dispatch import Dispatcher
 from car_twisted.ws.admission import Admission
+
+if TYPE_CHECKING:
+    from car_twisted.session import ClientSession
+    from car_twisted.state import ServerState
 
 __all__ = ["CarServerProtocol", "CarServerFactory", "origin_is_loopback", "frame_text"]
 
@@ -64,7 +70,7 @@ def frame_text(payload: bytes) -> bytes:
     return b"\x81\x7f" + n.to_bytes(8, "big")
 
 
-def peer_key(address: Any) -> str:
+def peer_key(address: IAddress) -> str:
     """Who a connection comes from, for the per-peer guest slots."""
     if isinstance(address, (IPv4Address, IPv6Address)):
         return address.host
@@ -95,29 +101,30 @@ class _ReadThrottle:
     configured window, drop it.  Other connections are unaffected.
     """
 
-    def __init__(self, protocol: "CarServerProtocol", clock: Any, stall_secs: float):
+    def __init__(self, protocol: CarServerProtocol, clock: IReactorTime, stall_secs: float) -> None:
         self.protocol = protocol
         self.clock = clock
         self.stall_secs = stall_secs
-        self._timer: Any = None
+        self._timer: IDelayedCall | None = None
 
     def pauseProducing(self) -> None:
         session = self.protocol.session
         if session is not None:
             session.channel.pause()
         self.protocol._output_paused()
-        self.protocol.transport.pauseProducing()
+        # Stream transports are push producers too (ITransport does not say so).
+        self.protocol.transport.pauseProducing()  # type: ignore[attr-defined]
         if self._timer is None:
             self._timer = self.clock.callLater(self.stall_secs, self._stalled)
 
     def resumeProducing(self) -> None:
         self._cancel()
-        self.protocol.transport.resumeProducing()
+        self.protocol.transport.resumeProducing()  # type: ignore[attr-defined]  # see pauseProducing
         session = self.protocol.session
         if session is not None:
             self.protocol._output_resumed()
             session.channel.resume()
-            self.protocol._release_held()
+            self.protocol._release_held(session)
 
     def stopProducing(self) -> None:
         self._cancel()
@@ -142,7 +149,10 @@ class _ReadThrottle:
 class CarServerProtocol(WebSocketServerProtocol):
     # Autobahn owns ``log``; ours is ``_log``.
     _log = Logger()
-    session: Any = None
+    # Set before any callback below runs (Twisted's types allow None).
+    transport: ITransport
+    _dispatcher: Dispatcher
+    session: ClientSession | None = None
     _throttle: _ReadThrottle | None = None
     # A guest until the session authenticates (see ``Admission``).
     _promoted = False
@@ -169,12 +179,12 @@ class CarServerProtocol(WebSocketServerProtocol):
         # nothing and Nagle stays on: small replies then wait ~40 ms for
         # the peer's delayed ACK.  Set it here, after the copy.
         try:
-            self.transport.setTcpNoDelay(True)
+            self.transport.setTcpNoDelay(True)  # type: ignore[attr-defined]  # TCP only: caught below
         except (AttributeError, OSError):
             pass  # not TCP (a UNIX socket)
         factory.admission.admit(self, peer_key(self.transport.getPeer()), self._guest_expired, self._evict)
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.factory.admission.gone(self)
         super().connectionLost(reason)
 
@@ -194,7 +204,7 @@ class CarServerProtocol(WebSocketServerProtocol):
             return
         super().processHandshake()
 
-    def onConnect(self, request: Any) -> None:
+    def onConnect(self, request: ConnectionRequest) -> None:
         try:
             origin = self.http_headers.get("origin")
             if origin is not None and not self.factory.origin_allowed(origin):
@@ -215,7 +225,8 @@ class CarServerProtocol(WebSocketServerProtocol):
             self._throttle = _ReadThrottle(
                 self, factory.state.clock, factory.state.config.write_stall_timeout
             )
-            self.transport.registerProducer(self._throttle, True)
+            # Stream transports are consumers too (ITransport does not say so).
+            self.transport.registerProducer(self._throttle, True)  # type: ignore[attr-defined]
             self._log.debug(
                 "client {client_id} connected from {peer}",
                 client_id=self.session.client_id,
@@ -236,7 +247,7 @@ class CarServerProtocol(WebSocketServerProtocol):
 
     def onMessageEnd(self) -> None:
         data = self.message_data
-        self.message_data = None
+        self.message_data = None  # type: ignore[assignment]  # dropped until Autobahn's next message begins
         session = self.session
         if self.failedByMe or session is None:
             return
@@ -250,10 +261,9 @@ class CarServerProtocol(WebSocketServerProtocol):
                 self._held = collections.deque()
             self._held.append((self.message_is_binary, payload))
             return
-        self._dispatch(self.message_is_binary, payload)
+        self._dispatch(session, self.message_is_binary, payload)
 
-    def _dispatch(self, binary: bool, payload: bytes) -> None:
-        session = self.session
+    def _dispatch(self, session: ClientSession, binary: bool, payload: bytes) -> None:
         try:
             if binary:
                 self._dispatcher.dispatch_binary(session, payload)
@@ -267,12 +277,12 @@ class CarServerProtocol(WebSocketServerProtocol):
         if not self._promoted and session.authenticated:
             self._promote()
 
-    def _release_held(self) -> None:
+    def _release_held(self, session: ClientSession) -> None:
         """Our output drained: dispatch what was read meanwhile, in order."""
-        held, session = self._held, self.session
+        held = self._held
         while held and not session.channel.paused and self.state == _OPEN:
             binary, payload = held.popleft()
-            self._dispatch(binary, payload)
+            self._dispatch(session, binary, payload)
         if not held:
             self._held = None
 
@@ -317,7 +327,7 @@ class CarServerProtocol(WebSocketServerProtocol):
         self.dropConnection(abort=True)
         return True
 
-    def onClose(self, wasClean: bool, code: Any, reason: Any) -> None:
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         session = self.session
         if session is None:
             return
@@ -380,7 +390,7 @@ class CarServerFactory(WebSocketServerFactory):
     protocol = CarServerProtocol
     _reaper: LoopingCall | None = None
 
-    def __init__(self, state: Any, reactor: Any = None, url: str | None = None) -> None:
+    def __init__(self, state: ServerState, reactor: object = None, url: str | None = None) -> None:
         # server=None: no version banner in any response.
         super().__init__(url=url, server=None, reactor=reactor if reactor is not None else state.clock)
         self.state = state

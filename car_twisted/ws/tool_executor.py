@@ -13,7 +13,8 @@ late reply finds nothing.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.interfaces import IReactorTime
@@ -101,12 +102,12 @@ class _Attempt:
     def _failed(self, failure: Failure) -> None:
         if self.result.called:
             return  # already settled: we gave up ourselves
-        handle = self._handlers.get(failure.check(*self._handlers))  # type: ignore[arg-type]
+        handle = self._handlers.get(failure.check(*self._handlers))
         if handle is None:
             self._log.failure("tools.execute callback failed", failure=failure)
             self.result.errback(ToolError(f"tool '{self.call.tool}' failed"))
         else:
-            handle(self, failure.value)
+            handle(self, failure.value)  # type: ignore[arg-type]  # a Failure always holds its exception
 
     def _timed_out(self, exc: BaseException) -> None:
         self._give_up(self.timeout_reason)
@@ -125,7 +126,7 @@ class _Attempt:
     def _ignore(self, exc: BaseException) -> None:
         """The request was cancelled by our own ``_cancelled``."""
 
-    _handlers: dict[type[BaseException], Callable[["_Attempt", BaseException], None]] = {
+    _handlers: dict[type[BaseException], Callable[[_Attempt, BaseException], None]] = {
         TimeoutError: _timed_out,
         ChannelClosed: _disconnected,
         ClientRpcError: _refused,
