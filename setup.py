@@ -29,7 +29,6 @@ setup(
         "autobahn>=24.4,<27",
         "zope.interface>=6.0,<9",
         "attrs>=23.1,<27",
-        "treq>=23.11,<27",
         "orjson>=3.9,<4",
     ],
     extras_require={
@@ -37,6 +36,7 @@ setup(
             "pytest>=8,<10",
             "pytest-twisted>=1.14,<2",
             "hypothesis>=6.100,<7",
+            "treq>=23.11,<27",
         ],
         "interop": ["car-runtime==0.58.0"],
         "bench": ["websockets>=12,<18"],
