@@ -57,6 +57,11 @@ _COPY_LIMIT = 64 * 1024
 # The upgrade request: bounded before Autobahn parses it (431 beyond).
 MAX_HANDSHAKE_BYTES = 16 * 1024
 MAX_HANDSHAKE_HEADERS = 64
+# How long a refused upgrade's unread input is discarded before the
+# connection is aborted anyway.
+LINGER_SECS = 1.0
+# Close codes an endpoint must not send (RFC 6455 section 7.4.1).
+_RESERVED_CLOSE_CODES = frozenset({1004, 1005, 1006, 1015})
 _CRLF2 = b"\r\n\r\n"
 
 
@@ -162,6 +167,9 @@ class CarServerProtocol(WebSocketServerProtocol):
     _paused = False
     _backlog = 0
     _scanned = 0
+    # An upgrade refused before its end: input discarded until it closes.
+    _discarding = False
+    _linger: IDelayedCall | None = None
 
     # -- Autobahn callbacks --------------------------------------------------
 
@@ -185,6 +193,8 @@ class CarServerProtocol(WebSocketServerProtocol):
         factory.admission.admit(self, peer_key(self.transport.getPeer()), self._guest_expired, self._evict)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._linger is not None and self._linger.active():
+            self._linger.cancel()
         self.factory.admission.gone(self)
         super().connectionLost(reason)
 
@@ -197,12 +207,40 @@ class CarServerProtocol(WebSocketServerProtocol):
         if end < 0:
             self._scanned = len(data)
             if len(data) > MAX_HANDSHAKE_BYTES:
-                self.failHandshake("Request Header Fields Too Large", 431)
+                self._refuse_upgrade(431, "Request Header Fields Too Large")
             return
         if end + 4 > MAX_HANDSHAKE_BYTES or data.count(b"\r\n", 0, end) > MAX_HANDSHAKE_HEADERS:
-            self.failHandshake("Request Header Fields Too Large", 431)
+            self._refuse_upgrade(431, "Request Header Fields Too Large")
             return
         super().processHandshake()
+
+    def _refuse_upgrade(self, code: int, reason: str) -> None:
+        """
+        Answer an upgrade request we will not read to its end, so that the
+        answer arrives: closing a socket with unread input makes the kernel
+        reset the connection, and the peer then loses our answer.  So our
+        side is half-closed and whatever the peer still sends is discarded
+        until it closes, or for at most ``LINGER_SECS``.
+        """
+        self.sendHttpErrorResponse(code, reason)
+        self.state = WebSocketProtocol.STATE_CLOSED
+        self.data = b""
+        self._discarding = True
+        transport = self.transport
+        assert transport is not None
+        # TCP and UNIX transports half-close (ITCPTransport, IUNIXTransport).
+        half_close = getattr(transport, "loseWriteConnection", None)
+        if half_close is None:
+            transport.loseConnection()
+            return
+        half_close()
+        abort = getattr(transport, "abortConnection", transport.loseConnection)
+        self._linger = self.factory.state.clock.callLater(LINGER_SECS, abort)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._discarding:
+            return  # refused: the rest of the request goes nowhere
+        super().dataReceived(data)
 
     def onConnect(self, request: ConnectionRequest) -> None:
         try:
@@ -375,7 +413,12 @@ class CarServerProtocol(WebSocketServerProtocol):
         """Close frame, then drop at once: the real client never answers."""
         if self.state != _OPEN:
             return
-        body = code.to_bytes(2, "big") + reason.encode()[:120]
+        if not (1000 <= code <= 4999) or code in _RESERVED_CLOSE_CODES:
+            code = 1011  # never send a code the protocol forbids on the wire
+        # At most 120 bytes of reason, cut on a character boundary (the
+        # reason must stay valid UTF-8).
+        text = reason.encode()[:120].decode("utf-8", "ignore").encode()
+        body = code.to_bytes(2, "big") + text
         self.transport.write(bytes((0x88, len(body))) + body)
         self.state = WebSocketProtocol.STATE_CLOSING
         self.dropConnection(abort=False)

@@ -348,3 +348,40 @@ def test_connection_loss_closes_the_session_once_and_fails_pending_requests(tmp_
     state.close_session(session)
     assert closes == [session.client_id]
     assert clock.getDelayedCalls() == []
+
+
+def test_refused_upgrade_half_closes_and_discards_until_the_peer_goes(tmp_path):
+    """A 431 is written, our side half-closed, further input discarded, and the connection aborted after the linger."""
+    from car_twisted.ws.protocol import LINGER_SECS
+
+    clock = Clock()
+    factory = memory_factory(make_state(tmp_path, clock, ping_interval=0))
+    conn = MemoryConnection.open(factory, upgrade=False)
+    half_closed = []
+    conn.transport.loseWriteConnection = lambda: half_closed.append(True)
+    for _ in range(20):
+        conn.feed(b"X-Filler: " + b"a" * 1000 + b"\r\n")
+    assert conn.http_response().startswith(b"HTTP/1.1 431")
+    assert half_closed == [True] and not conn.dropped
+    written = len(conn.transport.value())
+    conn.feed(b"X-More: " + b"b" * 5000 + b"\r\n")  # discarded, not parsed, not buffered
+    assert conn.protocol.data == b"" and len(conn.transport.value()) == written
+    clock.advance(LINGER_SECS)
+    assert conn.dropped and clock.getDelayedCalls() == []
+
+
+def test_close_reason_is_cut_on_a_character_and_bad_codes_are_not_sent(tmp_path):
+    """The Close reason stays valid UTF-8 within 120 bytes; a code the protocol forbids becomes 1011."""
+    clock = Clock()
+    factory = memory_factory(make_state(tmp_path, clock, ping_interval=0))
+    conn = MemoryConnection.open(factory)
+    conn.protocol.close(1000, "a" + "é" * 100)
+    (op, payload), = [f for f in conn.frames() if f[0] == 8]
+    reason = payload[2:]
+    assert len(reason) <= 120 and reason.decode("utf-8") == "a" + "é" * 59
+    other = MemoryConnection.open(factory, port=40001)
+    other.protocol.close(1006, "x")
+    assert other.close_code() == 1011
+    third = MemoryConnection.open(factory, port=40002)
+    third.protocol.close(70000, "x")
+    assert third.close_code() == 1011 and third.dropped
