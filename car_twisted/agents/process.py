@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import signal
 from collections.abc import Callable
+from pathlib import Path
 
 from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.interfaces import IProcessTransport
@@ -28,6 +29,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from car_twisted.agents.logs import AgentLog
+from car_twisted.private_files import read_private
 
 __all__ = [
     "AgentProcess",
@@ -37,6 +39,7 @@ __all__ = [
     "signal_group",
     "kill_group",
     "DRAIN_LIMIT_BYTES",
+    "surviving_pid",
 ]
 
 _log = Logger()
@@ -190,3 +193,23 @@ class AgentProcess(ProcessProtocol):
     def processEnded(self, reason: Failure) -> None:
         for log in self.logs.values():
             log.close()
+
+
+def surviving_pid(pid_file: Path, command: str) -> int | None:
+    """
+    The pid recorded in C{pid_file} if that process is still running
+    C{command}: an earlier daemon's child that outlived it (starting
+    another would run the agent twice).  A stale pid file is removed.
+    """
+    try:
+        pid = int(read_private(pid_file).strip())
+        exe = os.path.realpath(os.readlink(f"/proc/{pid}/exe"))
+    except (OSError, ValueError):
+        exe = None
+    if exe is None or exe != os.path.realpath(command):
+        try:
+            pid_file.unlink()
+        except OSError:
+            pass
+        return None
+    return pid

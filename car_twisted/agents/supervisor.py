@@ -41,11 +41,11 @@ from car_twisted.agents.manifest import (
     spec_problem,
     store_installed,
 )
-from car_twisted.agents.process import AgentProcess, kill_group, signal_group, wrapper_argv
+from car_twisted.agents.process import AgentProcess, kill_group, signal_group, surviving_pid, wrapper_argv
 from car_twisted.auth import mint_token, tokens_equal, write_secret_file
 from car_twisted.errors import AgentAlreadyAttached, InvalidParams, RpcError
 from car_twisted.interfaces import IAgentIdentities
-from car_twisted.private_files import UnsafeStateError, ensure_private_dir, open_private, read_private
+from car_twisted.private_files import UnsafeStateError, ensure_private_dir, open_private
 from car_twisted.rpc.envelope import JsonValue
 
 if TYPE_CHECKING:
@@ -386,26 +386,6 @@ class Supervisor:
     def _pid_file(self, agent_id: str) -> Path:
         return self.pids_dir / f"{agent_id}.pid"
 
-    def _survivor(self, agent: _Agent) -> int | None:
-        """
-        A process an earlier daemon started for this agent that is still
-        running its command (it outlived that daemon): starting another
-        would run the agent twice.  A stale pid file is removed.
-        """
-        path = self._pid_file(agent.spec.id)
-        try:
-            pid = int(read_private(path).strip())
-            exe = os.path.realpath(os.readlink(f"/proc/{pid}/exe"))
-        except (OSError, ValueError):
-            exe = None
-        if exe is None or exe != os.path.realpath(agent.spec.command):
-            try:
-                path.unlink()
-            except OSError:
-                pass
-            return None
-        return pid
-
     def _spawn(self, agent: _Agent) -> None:
         spec = agent.spec
         if self._closing:
@@ -416,7 +396,7 @@ class Supervisor:
             self._log.error("agent {agent_id} cannot start: {problem}", agent_id=spec.id, problem=problem)
             self._set(agent, "errored")
             return
-        survivor = self._survivor(agent)
+        survivor = surviving_pid(self._pid_file(agent.spec.id), agent.spec.command)
         if survivor is not None:
             if agent.blocked_by_pid != survivor:
                 self._log.warn(

@@ -27,7 +27,7 @@ from zope.interface import implementer
 from car_twisted._util import iso_utc
 from car_twisted.errors import InvalidParams, RpcError
 from car_twisted.interfaces import IRunStore, ISessionFeature
-from car_twisted.rpc.envelope import JsonValue, encode_notification
+from car_twisted.rpc.envelope import JsonValue
 from car_twisted.runs.model import (
     MAX_TURNS_PER_BATCH,
     RECORD_TURNS_RUN_CEILING,
@@ -43,6 +43,7 @@ from car_twisted.runs.model import (
     valid_key,
 )
 from car_twisted.runs.retention import RunLimits, StoreRetention, limit_error
+from car_twisted.runs.subscriptions import MAX_SUBSCRIPTIONS_PER_SESSION, SUBSCRIBER_BACKLOG_BYTES, TraceSubscriptions
 
 if TYPE_CHECKING:
     from car_twisted.config import ServerStateConfig
@@ -53,46 +54,12 @@ if TYPE_CHECKING:
 __all__ = ["RunRegistry", "RunConnection", "MAX_PAGE_BYTES", "SUBSCRIBER_BACKLOG_BYTES"]
 
 MAX_PAGE_BYTES = 8 * 1024 * 1024
-# Events held for one subscriber while its socket is backed up: enough for
-# a whole 256-turn batch of ordinary turns, so a reader that keeps up loses
-# nothing; past it events are dropped and the client sees a cursor gap.
-SUBSCRIBER_BACKLOG_BYTES = 2 * 1024 * 1024
-MAX_SUBSCRIPTIONS_PER_SESSION = 64
 MAX_REMEMBERED_RUNS = 4096
 _BAD_TURNS = "runs.record_turns requires { run_id, turns: [RunTurn] }"
 
 
 def _slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:64]
-
-
-class _Subscriber:
-    """One (connection, run) subscription with its bounded backlog."""
-
-    def __init__(self, session: ClientSession, run_id: str) -> None:
-        self.session = session
-        self.run_id = run_id
-        self.backlog: collections.deque[bytes] = collections.deque()
-        self.backlog_bytes = 0
-        self.dropped = 0
-
-    def push(self, frame: bytes) -> None:
-        # Never wait for a slow reader: queue while its output is backed
-        # up, drop (the client sees a cursor gap) once the backlog is full.
-        if self.session.channel.paused or self.backlog:
-            if self.backlog_bytes + len(frame) > SUBSCRIBER_BACKLOG_BYTES:
-                self.dropped += 1
-                return
-            self.backlog.append(frame)
-            self.backlog_bytes += len(frame)
-            return
-        self.session.channel.send(frame)
-
-    def drain(self) -> None:
-        while self.backlog and not self.session.channel.paused:
-            frame = self.backlog.popleft()
-            self.backlog_bytes -= len(frame)
-            self.session.channel.send(frame)
 
 
 @implementer(ISessionFeature)
@@ -127,7 +94,7 @@ class RunRegistry:
         self.config = config
         self.limits = RunLimits.from_config(config)
         self.runs: dict[str, RunMeta] = {}
-        self._subscribers: dict[str, dict[str, _Subscriber]] = {}
+        self.subscriptions = TraceSubscriptions()
         # Open (started, not yet terminal) runs per agent and per starting
         # connection (by client id, while it is open).
         self._open_by_agent: collections.Counter[str] = collections.Counter()
@@ -146,14 +113,8 @@ class RunRegistry:
         return session.feature(RunConnection, self._new_connection)
 
     def _new_connection(self, session: ClientSession) -> RunConnection:
-        session.channel.on_resume(lambda: self._drain(session))
+        session.channel.on_resume(lambda: self.subscriptions.drain(session))
         return RunConnection(self, session)
-
-    def _drain(self, session: ClientSession) -> None:
-        for subs in self._subscribers.values():
-            sub = subs.get(session.client_id)
-            if sub is not None:
-                sub.drain()
 
     def _remember(self, meta: RunMeta) -> None:
         self.runs[meta.run_id] = meta
@@ -163,17 +124,6 @@ class RunRegistry:
                     del self.runs[run_id]
                     if len(self.runs) <= MAX_REMEMBERED_RUNS:
                         break
-
-    def _fan_out(self, meta: RunMeta, record: RunRecord, cursor: int) -> None:
-        subs = self._subscribers.get(meta.run_id)
-        if not subs:
-            return
-        frame = encode_notification(
-            "runs.trace.event",
-            {"run_id": meta.run_id, "agent_id": meta.agent_id, "record": record, "cursor": cursor, "status": meta.status},
-        )
-        for sub in list(subs.values()):
-            sub.push(frame)
 
     def _persist(self, meta: RunMeta, records: list[RunRecord]) -> Deferred[int | None]:
         """Lifecycle records (started, ended): the record, then the summary."""
@@ -287,7 +237,7 @@ class RunRegistry:
             if conn.current_run == run_id:
                 conn.current_run = None
             raise RpcError(f"run {run_id}: could not be stored") from None
-        self._fan_out(meta, meta.started_record(), 0)
+        self.subscriptions.fan_out(meta, meta.started_record(), 0)
         self._log.info("run {run_id} started for agent {agent_id}", run_id=run_id, agent_id=agent_id)
         return {"run_id": run_id, "agent_id": agent_id}
 
@@ -381,7 +331,7 @@ class RunRegistry:
             self._log.failure("run store append failed for {run_id}", run_id=meta.run_id)
             raise RpcError(f"run {meta.run_id}: the turns could not be stored") from None
         for i, record in enumerate(records):
-            self._fan_out(meta, record, outcome.base_index + i + 1)
+            self.subscriptions.fan_out(meta, record, outcome.base_index + i + 1)
         return {"run_id": meta.run_id, "base_index": outcome.base_index, "count": outcome.count, "ok": True}
 
     async def record_proposal(self, session: ClientSession, proposal: ActionProposal, result: ProposalResult) -> None:
@@ -458,7 +408,7 @@ class RunRegistry:
             # queued before its summary write would leave that behind.
             self.retention.ended(meta.agent_id, meta.run_id)
             self.retention.prune((meta.agent_id,))
-        self._fan_out(meta, record, meta.turn_count)
+        self.subscriptions.fan_out(meta, record, meta.turn_count)
         self._log.info("run {run_id} ended: {status}", run_id=meta.run_id, status=status)
 
     def _cancel_grace(self, meta: RunMeta) -> None:
@@ -467,11 +417,7 @@ class RunRegistry:
         meta.grace_timer = None
 
     def session_closed(self, session: ClientSession) -> None:
-        for run_id in list(self._subscribers):
-            subs = self._subscribers[run_id]
-            subs.pop(session.client_id, None)
-            if not subs:
-                del self._subscribers[run_id]
+        self.subscriptions.drop_session(session)
         for meta in list(self.runs.values()):
             if meta.owner is session:
                 self._unpin(meta)
@@ -510,8 +456,7 @@ class RunRegistry:
         agent_id = await self._locate(run_id)
         if agent_id is None or not self.entitled(session, agent_id):
             raise self._forbidden(f"runs.subscribe {run_id}")
-        count = sum(1 for s in self._subscribers.values() if session.client_id in s)
-        if count >= MAX_SUBSCRIPTIONS_PER_SESSION:
+        if self.subscriptions.count(session) >= MAX_SUBSCRIPTIONS_PER_SESSION:
             raise RpcError(f"too many run subscriptions on this connection (at most {MAX_SUBSCRIPTIONS_PER_SESSION})")
         self.connection(session)
         records = await self.store.read(agent_id, run_id) or []
@@ -521,11 +466,7 @@ class RunRegistry:
         meta = self.runs.get(run_id)
         status = meta.status if meta is not None else self._disk_status(records)
         if meta is not None and not meta.terminal and not session.closed:
-            subs = self._subscribers.setdefault(run_id, {})
-            if session.client_id not in subs:
-                session.activity.pin()  # a live subscription keeps an idle connection open
-            # A re-subscribe (after a gap) starts a fresh backlog.
-            subs[session.client_id] = _Subscriber(session, run_id)
+            self.subscriptions.add(session, run_id)
         turns = [r for r in records if r.get("record") == "turn"]
         cursor = len(turns)
         shown, truncated = _fit(turns)
@@ -536,13 +477,7 @@ class RunRegistry:
         return out
 
     def unsubscribe(self, session: ClientSession, run_id: str) -> dict[str, object]:
-        subs = self._subscribers.get(run_id, {})
-        removed = subs.pop(session.client_id, None) is not None
-        if removed:
-            session.activity.unpin()
-            if not subs:
-                del self._subscribers[run_id]
-        return {"run_id": run_id, "removed": removed}
+        return {"run_id": run_id, "removed": self.subscriptions.remove(session, run_id)}
 
     @staticmethod
     def _disk_status(records: list[RunRecord]) -> str:

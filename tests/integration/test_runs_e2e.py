@@ -127,7 +127,7 @@ async def test_subscriber_that_never_reads_does_not_hold_up_the_recorder(reactor
             reply = await agent.result("runs.record_turns", {"run_id": run_id, "turns": big})
             assert reply["ok"]
         assert lazy_session.channel.paused, "the lazy subscriber's output should have backed up"
-        sub = server.state.runs._subscribers[run_id][lazy_session.client_id]
+        sub = server.state.runs.subscriptions.get(run_id, lazy_session.client_id)
         assert sub.dropped > 0 and sub.backlog_bytes <= SUBSCRIBER_BACKLOG_BYTES
         # The backlog drains only when the daemon's output resumes, and the
         # subscription's own resume hook (registered first) runs before this one.

@@ -273,7 +273,7 @@ def test_stalled_subscriber_drops_not_stalls(state):
     for _ in range(200):
         assert owner.result("runs.record_turns", {"run_id": run_id, "turns": big})["ok"]
     assert host.events() == []
-    sub = state.runs._subscribers[run_id][host.session.client_id]
+    sub = state.runs.subscriptions.get(run_id, host.session.client_id)
     assert sub.backlog_bytes <= SUBSCRIBER_BACKLOG_BYTES and sub.dropped == 200 - len(sub.backlog)
     host.session.channel.resume()
     cursors = [e["cursor"] for e in host.events()]
@@ -300,7 +300,7 @@ def test_disconnect_drops_subscriptions(state):
     host.result("runs.subscribe", {"run_id": run_id})
     host.close()
     owner.result("runs.record_turns", {"run_id": run_id, "turns": turns(1)})
-    assert state.runs._subscribers == {}
+    assert state.runs.subscriptions.is_empty()
 
 
 def test_torn_last_line_reads_incomplete(state, tmp_path):
