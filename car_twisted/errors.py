@@ -13,7 +13,7 @@ import reprlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from car_twisted.rpc.envelope import JsonValue
+    from car_twisted.json_value import JsonValue
 
 __all__ = [
     "short_repr",

@@ -16,8 +16,8 @@ from zope.interface import Attribute, Interface
 if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
 
+    from car_twisted.json_value import JsonValue
     from car_twisted.proposal.ir import ToolCall
-    from car_twisted.rpc.envelope import JsonValue
     from car_twisted.rpc.registry import MethodSpec
     from car_twisted.runs.model import RunRecord, StoredRun
     from car_twisted.session import ClientSession

@@ -19,9 +19,10 @@ from zope.interface import implementer
 from car_twisted.budget import ByteBudget
 from car_twisted.errors import InvalidParams, RpcError
 from car_twisted.interfaces import ISessionFeature
+from car_twisted.json_value import JsonValue
 from car_twisted.proposal.ir import ToolSchema
 from car_twisted.proposal.rules import PolicyDefinition
-from car_twisted.rpc.envelope import JsonValue, dumps
+from car_twisted.rpc.envelope import dumps
 
 if TYPE_CHECKING:
     from car_twisted.session import ClientSession

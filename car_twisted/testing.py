@@ -15,8 +15,8 @@ from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import implementer
 
 from car_twisted.interfaces import IToolExecutor, IWsSink
+from car_twisted.json_value import JsonValue
 from car_twisted.proposal.ir import ToolCall, ToolError
-from car_twisted.rpc.envelope import JsonValue
 
 __all__ = ["MemorySink", "FakeToolExecutor"]
 

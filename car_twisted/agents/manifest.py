@@ -27,8 +27,8 @@ from typing import cast
 import attrs
 
 from car_twisted.errors import InvalidParams
+from car_twisted.json_value import JsonValue
 from car_twisted.private_files import read_private
-from car_twisted.rpc.envelope import JsonValue
 
 __all__ = [
     "AgentSpec",

@@ -45,8 +45,8 @@ from car_twisted.agents.process import AgentProcess, kill_group, signal_group, s
 from car_twisted.auth import mint_token, tokens_equal, write_secret_file
 from car_twisted.errors import AgentAlreadyAttached, InvalidParams, RpcError
 from car_twisted.interfaces import IAgentIdentities
+from car_twisted.json_value import JsonValue
 from car_twisted.private_files import UnsafeStateError, ensure_private_dir, open_private
-from car_twisted.rpc.envelope import JsonValue
 
 if TYPE_CHECKING:
     from car_twisted.session import ClientSession

@@ -31,8 +31,8 @@ from car_twisted.agents.manifest import AgentSpec, check_agent_id, parse_agent_s
 from car_twisted.agents.supervisor import STATUSES, HealthReport, ManagedAgent, Supervisor
 from car_twisted.errors import Forbidden, InvalidParams
 from car_twisted.interfaces import IMethodProvider
+from car_twisted.json_value import JsonValue
 from car_twisted.proposal.ir import JsonObject
-from car_twisted.rpc.envelope import JsonValue
 from car_twisted.rpc.registry import MethodSpec
 from car_twisted.session import ClientSession
 

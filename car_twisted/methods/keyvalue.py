@@ -17,7 +17,7 @@ import orjson
 from zope.interface import implementer
 
 from car_twisted.interfaces import IMethodProvider
-from car_twisted.rpc.envelope import JsonValue
+from car_twisted.json_value import JsonValue
 from car_twisted.rpc.registry import MethodSpec
 from car_twisted.runtime import KeyValueView, runtime_of
 from car_twisted.session import ClientSession

@@ -10,8 +10,8 @@ from zope.interface import implementer
 
 from car_twisted.errors import InvalidParams
 from car_twisted.interfaces import IMethodProvider
+from car_twisted.json_value import JsonValue
 from car_twisted.proposal.rules import parse_policy
-from car_twisted.rpc.envelope import JsonValue
 from car_twisted.rpc.registry import MethodSpec
 from car_twisted.runtime import runtime_of, scope_label
 from car_twisted.session import ClientSession

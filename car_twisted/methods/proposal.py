@@ -19,9 +19,9 @@ from zope.interface import implementer
 
 from car_twisted.errors import InvalidParams, RpcError
 from car_twisted.interfaces import IMethodProvider, IToolExecutor
+from car_twisted.json_value import JsonValue
 from car_twisted.proposal.engine import ProposalEngine
 from car_twisted.proposal.ir import DEFAULT_MAX_RETRIES, JsonObject, ProposalResult, parse_proposal
-from car_twisted.rpc.envelope import JsonValue
 from car_twisted.rpc.registry import MethodSpec
 from car_twisted.runtime import runtime_of
 from car_twisted.session import ClientSession

@@ -20,7 +20,8 @@ from zope.interface import implementer
 
 from car_twisted.errors import InvalidParams
 from car_twisted.interfaces import IMethodProvider
-from car_twisted.rpc.envelope import JsonValue, dumps
+from car_twisted.json_value import JsonValue
+from car_twisted.rpc.envelope import dumps
 from car_twisted.rpc.registry import MethodSpec
 from car_twisted.runs.registry import RunRegistry
 from car_twisted.session import ClientSession

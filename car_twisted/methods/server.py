@@ -20,7 +20,7 @@ from car_twisted._version import SUPPORTED_PROTOCOL_VERSIONS
 from car_twisted._version import __version__ as SERVER_VERSION
 from car_twisted.errors import ProtocolMismatch, short_repr
 from car_twisted.interfaces import IMethodProvider
-from car_twisted.rpc.envelope import JsonValue
+from car_twisted.json_value import JsonValue
 from car_twisted.rpc.params import describe_params
 from car_twisted.rpc.registry import MethodSpec
 from car_twisted.session import ClientSession

@@ -21,9 +21,9 @@ from zope.interface import implementer
 from car_twisted.auth import tokens_equal
 from car_twisted.errors import AuthFailed, Forbidden, InvalidParams, RpcError
 from car_twisted.interfaces import IAgentIdentities, IMethodProvider
+from car_twisted.json_value import JsonValue
 from car_twisted.methods.tools import tool_definitions
 from car_twisted.proposal.rules import parse_policy
-from car_twisted.rpc.envelope import JsonValue
 from car_twisted.rpc.params import parse_params
 from car_twisted.rpc.registry import MethodSpec
 from car_twisted.runtime import SessionRuntime, runtime_of

@@ -19,8 +19,8 @@ from zope.interface import implementer
 
 from car_twisted.errors import InvalidParams
 from car_twisted.interfaces import IMethodProvider
+from car_twisted.json_value import JsonValue
 from car_twisted.proposal.ir import ToolSchema, parse_tool_schema
-from car_twisted.rpc.envelope import JsonValue
 from car_twisted.rpc.registry import MethodSpec
 from car_twisted.runtime import MAX_TOOLS, runtime_of
 from car_twisted.session import ClientSession

@@ -42,6 +42,7 @@ from twisted.python.failure import Failure
 from car_twisted._util import iso_utc
 from car_twisted.errors import InvalidParams
 from car_twisted.interfaces import IToolExecutor
+from car_twisted.json_value import JsonValue
 from car_twisted.proposal.ir import (
     Action,
     ActionProposal,
@@ -60,7 +61,6 @@ from car_twisted.proposal.rules import (
     first_violation,
     param_scans,
 )
-from car_twisted.rpc.envelope import JsonValue
 
 __all__ = [
     "ProposalEngine",

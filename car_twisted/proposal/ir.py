@@ -17,7 +17,7 @@ from typing import Concatenate, ParamSpec, TypeVar
 import attrs
 
 from car_twisted.errors import InvalidParams
-from car_twisted.rpc.envelope import JsonValue
+from car_twisted.json_value import JsonValue
 
 __all__ = [
     "ActionProposal",

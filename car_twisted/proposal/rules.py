@@ -21,8 +21,8 @@ from typing import Literal, Protocol, overload
 import attrs
 
 from car_twisted.errors import InvalidParams
+from car_twisted.json_value import JsonValue
 from car_twisted.proposal.ir import Action, JsonObject
-from car_twisted.rpc.envelope import JsonValue
 
 __all__ = [
     "PolicyDefinition",

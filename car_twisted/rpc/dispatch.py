@@ -33,11 +33,10 @@ from car_twisted.errors import (
     RpcError,
 )
 from car_twisted.interfaces import IBinaryReceiver
+from car_twisted.json_value import JsonContainer, JsonValue
 from car_twisted.rpc.envelope import (
     MAX_METHOD_LEN,
     DecodeError,
-    JsonContainer,
-    JsonValue,
     encode_error,
     encode_result,
     loads,

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, TypeAlias, cast
+from typing import TYPE_CHECKING, cast
 
 import attrs
 import orjson
 
 from car_twisted.errors import INTERNAL_ERROR
+from car_twisted.json_value import JsonContainer, JsonValue
 
 if TYPE_CHECKING:
     from attrs import AttrsInstance
@@ -35,11 +36,6 @@ __all__ = [
     "encode_request",
     "nested_deeper_than",
 ]
-
-#: A JSON value as orjson decodes it (and as replies may carry it).
-JsonValue: TypeAlias = None | bool | int | float | str | list["JsonValue"] | dict[str, "JsonValue"]
-#: A JSON container, the only values ``nested_deeper_than`` walks.
-JsonContainer: TypeAlias = list[JsonValue] | dict[str, JsonValue]
 
 MAX_ID_LEN = 256
 MAX_METHOD_LEN = 256

@@ -24,7 +24,7 @@ import attrs
 from attrs import AttrsInstance
 
 from car_twisted.errors import InvalidParams
-from car_twisted.rpc.envelope import JsonValue
+from car_twisted.json_value import JsonValue
 
 __all__ = ["parse_params", "describe_params", "DEFAULT_MAX_STR_LEN"]
 

@@ -18,7 +18,7 @@ import attrs
 import orjson
 from twisted.internet.interfaces import IDelayedCall
 
-from car_twisted.rpc.envelope import JsonValue
+from car_twisted.json_value import JsonValue
 
 if TYPE_CHECKING:
     from car_twisted.session import ClientSession

@@ -27,7 +27,7 @@ from zope.interface import implementer
 from car_twisted._util import iso_utc
 from car_twisted.errors import InvalidParams, RpcError
 from car_twisted.interfaces import IRunStore, ISessionFeature
-from car_twisted.rpc.envelope import JsonValue
+from car_twisted.json_value import JsonValue
 from car_twisted.runs.model import (
     MAX_TURNS_PER_BATCH,
     RECORD_TURNS_RUN_CEILING,

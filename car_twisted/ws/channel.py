@@ -21,7 +21,8 @@ from twisted.logger import Logger
 
 from car_twisted.errors import CallbackTimeout, CallbackUnencodable, ChannelClosed, ClientRpcError
 from car_twisted.interfaces import IWsSink
-from car_twisted.rpc.envelope import JsonValue, encode_notification, encode_request
+from car_twisted.json_value import JsonValue
+from car_twisted.rpc.envelope import encode_notification, encode_request
 
 __all__ = ["WsChannel", "DEFAULT_MAX_PENDING"]
 

@@ -25,8 +25,8 @@ from zope.interface import implementer
 from car_twisted.config import DEFAULT_TOOL_TIMEOUT_MS
 from car_twisted.errors import CallbackUnencodable, ChannelClosed, ClientRpcError
 from car_twisted.interfaces import IToolExecutor
+from car_twisted.json_value import JsonValue
 from car_twisted.proposal.ir import ToolCall, ToolError
-from car_twisted.rpc.envelope import JsonValue
 from car_twisted.ws.channel import WsChannel
 
 if TYPE_CHECKING:
