@@ -46,6 +46,7 @@ def _builtin_providers(state: ServerState) -> Iterable[IMethodProvider]:
     from car_twisted.methods.keyvalue import KeyValueMethods
     from car_twisted.methods.policy import PolicyMethods
     from car_twisted.methods.proposal import ProposalMethods
+    from car_twisted.methods.registry import RegistryMethods
     from car_twisted.methods.runs import RunMethods
     from car_twisted.methods.server import ServerMethods
     from car_twisted.methods.session import SessionMethods
@@ -60,6 +61,7 @@ def _builtin_providers(state: ServerState) -> Iterable[IMethodProvider]:
         ProposalMethods(state),
         AgentMethods(state),
         RunMethods(state),
+        RegistryMethods(state),
     )
 
 
