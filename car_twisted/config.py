@@ -3,7 +3,8 @@
 
 A frozen attrs class; embedders build one with keywords and refine it with
 the ``with_*`` evolvers.  ``from_environ`` reads the daemon's environment
-(``CAR_HOME``, ``CAR_NO_AUTH``, ``CAR_AUTH_TOKEN``, ``CAR_HANDLER_TIMEOUT``).
+(``CAR_HOME``, ``CAR_NO_AUTH``, ``CAR_NO_APPROVALS``, ``CAR_AUTH_TOKEN``,
+``CAR_HANDLER_TIMEOUT``, ``CAR_TOOL_TIMEOUT``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from zope.interface import Interface
 from zope.interface.verify import verifyObject
 
 from car_twisted.agents.manifest import DEFAULT_STOP_GRACE_SECS
+from car_twisted.host.gate import ApprovalGate
 from car_twisted.interfaces import IAgentIdentities, IMethodProvider, IRunStore
 from car_twisted.paths import CarPaths, ConfigError
 from car_twisted.rpc.registry import MethodSpec, method_specs
@@ -219,6 +221,8 @@ class ServerStateConfig:
     @ivar methods / method_providers: extra JSON-RPC methods.
     @ivar adapters: extra component adapters for the state's registry.
     @ivar agent_identities: provides ``IAgentIdentities`` (agent binding).
+    @ivar approval_gate: which calls wait for a person's approval
+        (``twist car --no-approvals`` / ``CAR_NO_APPROVALS=1`` turn it off).
     """
 
     paths: CarPaths = attrs.field(factory=lambda: CarPaths.resolve({}))
@@ -263,6 +267,7 @@ class ServerStateConfig:
     agent_identities: IAgentIdentities | None = attrs.field(
         default=None, validator=_provides(IAgentIdentities)
     )
+    approval_gate: ApprovalGate = attrs.field(factory=ApprovalGate)
 
     @classmethod
     def from_environ(
@@ -271,6 +276,7 @@ class ServerStateConfig:
         *,
         car_home: str | None = None,
         no_auth: bool = False,
+        no_approvals: bool = False,
         auth_token: str | None = None,
         **overrides: Any,
     ) -> ServerStateConfig:
@@ -287,6 +293,8 @@ class ServerStateConfig:
             auth_enabled=not (no_auth or _env_flag(environ.get("CAR_NO_AUTH"))),
             auth_token=token,
         )
+        if no_approvals or _env_flag(environ.get("CAR_NO_APPROVALS")):
+            kwargs["approval_gate"] = ApprovalGate(enabled=False)
         raw_timeout = environ.get("CAR_HANDLER_TIMEOUT")
         if raw_timeout:
             kwargs["handler_timeout"] = _positive_secs("CAR_HANDLER_TIMEOUT", raw_timeout)
@@ -304,6 +312,9 @@ class ServerStateConfig:
 
     def with_adapter(self, registration: AdapterRegistration) -> ServerStateConfig:
         return attrs.evolve(self, adapters=self.adapters + (registration,))
+
+    def with_approval_gate(self, gate: ApprovalGate) -> ServerStateConfig:
+        return attrs.evolve(self, approval_gate=gate)
 
     def with_agent_identities(self, identities: IAgentIdentities) -> ServerStateConfig:
         return attrs.evolve(self, agent_identities=identities)

@@ -23,6 +23,8 @@ __all__ = [
     "INVALID_PARAMS",
     "INTERNAL_ERROR",
     "AUTH_REQUIRED",
+    "APPROVAL_DENIED",
+    "ApprovalDenied",
     "HANDLER_DEADLINE",
     "HANDSHAKE_REQUIRED",
     "PROTOCOL_MISMATCH",
@@ -45,6 +47,7 @@ METHOD_NOT_FOUND = -32601
 INVALID_PARAMS = -32602
 INTERNAL_ERROR = -32603
 AUTH_REQUIRED = -32001
+APPROVAL_DENIED = -32003
 HANDLER_DEADLINE = -32004
 HANDSHAKE_REQUIRED = -32005
 PROTOCOL_MISMATCH = -32006
@@ -116,6 +119,18 @@ class AgentAlreadyAttached(AuthFailed):
 
 class ProtocolMismatch(RpcError):
     code = PROTOCOL_MISMATCH
+
+
+class ApprovalDenied(RpcError):
+    """A gated call that was denied, or not approved in time."""
+
+    code = APPROVAL_DENIED
+
+    def __init__(self, method: str, approval_id: str, reason: str) -> None:
+        super().__init__(
+            f"approval required: {method} was not run ({reason})",
+            data={"approval_id": approval_id, "method": method, "reason": reason},
+        )
 
 
 class HandlerDeadlineExceeded(RpcError):

@@ -22,7 +22,11 @@ from car_twisted.agents.supervisor import Supervisor
 from car_twisted.auth import mint_token
 from car_twisted.budget import ByteBudget
 from car_twisted.config import ServerStateConfig
+from car_twisted.host.chat import ChatRelay
+from car_twisted.host.goals import GoalStore
+from car_twisted.host.registry import HostRegistry
 from car_twisted.interfaces import IAgentIdentities, IMethodProvider, IRunStore, IWsSink
+from car_twisted.json_value import JsonValue
 from car_twisted.rpc.registry import Handler, MethodRegistry, MethodSpec
 from car_twisted.runs.registry import RunRegistry
 from car_twisted.runs.store import JsonlRunStore
@@ -43,6 +47,8 @@ def _builtin_providers(state: ServerState) -> Iterable[IMethodProvider]:
     # Imported here: the method modules import ServerState for typing only,
     # and keeping the table assembly in one call keeps start-up explicit.
     from car_twisted.methods.agents import AgentMethods
+    from car_twisted.methods.chat import ChatMethods
+    from car_twisted.methods.host import HostMethods
     from car_twisted.methods.keyvalue import KeyValueMethods
     from car_twisted.methods.policy import PolicyMethods
     from car_twisted.methods.proposal import ProposalMethods
@@ -62,6 +68,8 @@ def _builtin_providers(state: ServerState) -> Iterable[IMethodProvider]:
         AgentMethods(state),
         RunMethods(state),
         RegistryMethods(state),
+        HostMethods(state),
+        ChatMethods(state),
     )
 
 
@@ -94,6 +102,9 @@ class ServerState:
             clock, config.paths.home / "runs", fsync=config.run_store_fsync
         )
         self.runs = RunRegistry(clock, store, config.run_complete_grace, config=config)
+        self.host = HostRegistry(clock, self._host_identity)
+        self.goals = GoalStore(clock, config.paths.home / "chat-goals.json")
+        self.chats = ChatRelay(clock, self.attached_agent, self.goals, self.runs)
         self.sessions: dict[str, ClientSession] = {}
         # Every connection's state.* bytes together.
         self.state_budget = ByteBudget("daemon state", config.max_state_bytes_total)
@@ -107,6 +118,19 @@ class ServerState:
             self.methods.add_provider(provider)
         for spec in config.methods:
             self.methods.register(spec)
+
+    def attached_agent(self, agent_id: str) -> ClientSession | None:
+        """The live connection bound to C{agent_id}, if any."""
+        for session in self.sessions.values():
+            if session.agent_id == agent_id and session.authenticated and not session.closed:
+                return session
+        return None
+
+    def _host_identity(self) -> dict[str, JsonValue]:
+        return {
+            "manifest_path": str(self.agents.manifest_path),
+            "manifest_role": "observer" if self.agents.observer else "owner",
+        }
 
     def __repr__(self) -> str:
         return f"<ServerState auth={self.auth_enabled} sessions={len(self.sessions)}>"

@@ -30,6 +30,7 @@ class Options(usage.Options):
     )
     optFlags = [
         ["no-auth", None, "Disable the token gate (also CAR_NO_AUTH=1). Trusted single-user machines only."],
+        ["no-approvals", None, "Disable the approval gate for high-risk calls (also CAR_NO_APPROVALS=1)."],
     ]
     optParameters = [
         ["auth-token", None, None, "Pin the daemon token instead of minting one (also CAR_AUTH_TOKEN)."],
@@ -63,6 +64,7 @@ class Options(usage.Options):
             self.config_kwargs = dict(
                 car_home=self["car-home"],
                 no_auth=bool(self["no-auth"]),
+                no_approvals=bool(self["no-approvals"]),
                 auth_token=self["auth-token"],
             )
             if self["allow-origin"]:

@@ -87,6 +87,8 @@ class _Agent:
     stopping: bool = False
     blocked_by_pid: int | None = None
     exit_waiters: list[Deferred[None]] = attrs.field(factory=list)
+    # What the agent last ran as in this daemon (see launch_changed).
+    last_launch: tuple[str, tuple[str, ...], dict[str, str], str | None] | None = None
 
     @property
     def spec(self) -> AgentSpec:
@@ -430,6 +432,7 @@ class Supervisor:
             self._after_failure(agent, ran=0.0)
             return
         agent.process, agent.protocol = process, child
+        agent.last_launch = launch_fields(spec)
         agent.pid = process.pid
         agent.started_at = self.reactor.seconds()
         try:
@@ -522,6 +525,18 @@ class Supervisor:
         agent.restart_timer = None
         if self._agents.get(agent.spec.id) is agent and agent.status == "backoff":
             self._spawn(agent)
+
+    def launch_changed(self, agent_id: str) -> str | None:
+        """
+        Why starting C{agent_id} now runs something new: its command,
+        arguments, environment or working directory differ from what it
+        last ran as in this daemon.  None when it never ran here, or runs
+        the same (the approval gate's rule for ``agents.start``).
+        """
+        agent = self._agents.get(agent_id)
+        if agent is None or agent.last_launch is None or agent.last_launch == launch_fields(agent.spec):
+            return None
+        return f"agent '{agent_id}' would run {agent.spec.command} with a launch spec that changed since it last ran"
 
     # -- waiting -----------------------------------------------------------------------
 

@@ -98,9 +98,11 @@ class AgentMethods:
             MethodSpec("agents.install", self.install, description="Host only: install an agent from its manifest."),
             MethodSpec("agents.health", self.health, description="Re-validate every agent's command."),
             MethodSpec("agents.remove", self.remove, params=IdParams, description="Host only: stop and forget an agent."),
-            MethodSpec("agents.start", self.start, params=IdParams, description="Spawn an agent if not running."),
+            MethodSpec("agents.start", self.start, params=IdParams, description="Spawn an agent if not running.",
+                       approval=self._launch_changed),
             MethodSpec("agents.stop", self.stop, params=StopParams, description="SIGTERM, grace, SIGKILL (or kill at once)."),
-            MethodSpec("agents.restart", self.restart, params=IdParams, description="Stop, then start."),
+            MethodSpec("agents.restart", self.restart, params=IdParams, description="Stop, then start.",
+                       approval=self._launch_changed),
             MethodSpec("agents.wait", self.wait, params=WaitParams, description="Wait for an agent to reach a status."),
             MethodSpec("agents.tail_log", self.tail_log, params=TailParams, description="The end of an agent's stdout/stderr."),
         )
@@ -119,6 +121,10 @@ class AgentMethods:
     def remove(self, session: ClientSession, p: IdParams) -> Deferred[dict[str, bool]]:
         _need_host(session, "agents.remove")
         return self.supervisor.remove(p.id)
+
+    def _launch_changed(self, session: ClientSession, p: IdParams) -> str | None:
+        """The approval gate's rule: a start that runs a changed launch spec waits for approval."""
+        return self.supervisor.launch_changed(p.id)
 
     def start(self, session: ClientSession, p: IdParams) -> ManagedAgent:
         return self.supervisor.start(p.id)

@@ -29,9 +29,11 @@ from car_twisted.errors import (
     INVALID_REQUEST,
     METHOD_NOT_FOUND,
     PARSE_ERROR,
+    ApprovalDenied,
     HandlerDeadlineExceeded,
     RpcError,
 )
+from car_twisted.host.gate import params_preview
 from car_twisted.interfaces import IBinaryReceiver
 from car_twisted.json_value import JsonContainer, JsonValue
 from car_twisted.rpc.envelope import (
@@ -47,6 +49,7 @@ from car_twisted.rpc.params import parse_params
 from car_twisted.rpc.scope import out_of_scope_reason
 
 if TYPE_CHECKING:
+    from car_twisted.host.registry import ApprovalOutcome
     from car_twisted.rpc.registry import MethodSpec
     from car_twisted.session import ClientSession
     from car_twisted.state import ServerState
@@ -101,6 +104,7 @@ class Dispatcher:
         self.max_in_flight = config.max_in_flight
         self.max_message_bytes = config.max_message_bytes
         self.max_depth = config.max_json_depth
+        self.gate = config.approval_gate
 
     # -- entry points --------------------------------------------------------
 
@@ -246,6 +250,11 @@ class Dispatcher:
         args: object
         try:
             args = params if spec.params is None or not spec.parse_at_edge else parse_params(spec.params, params)
+            gate = self.gate
+            if gate.enabled and (method in gate.methods or spec.approval is not None):
+                why = "it is listed in the approval gate" if method in gate.methods else spec.approval(session, args)  # type: ignore[misc]
+                if why is not None:
+                    return self._wait(session, spec, args, rid, notification, self._park(session, spec, args, params, why))
             result = spec.handler(session, args)
         except Exception as e:
             return None if notification else self._error(rid, method, e)
@@ -258,6 +267,20 @@ class Dispatcher:
             Deferred.fromCoroutine(result) if isinstance(result, _CoroutineType) else cast("Deferred[object]", result)
         )
         return self._wait(session, spec, args, rid, notification, d)
+
+    def _park(self, session: ClientSession, spec: MethodSpec, args: object, params: JsonValue, why: str) -> Deferred[object]:
+        """Hold a gated call until a person approves it (``host.resolve_approval``); then run it."""
+        waiting = self.state.host.park(session, spec.name, params_preview(params), why, self.gate.timeout)
+
+        def decided(outcome: ApprovalOutcome) -> object:
+            if not outcome.approved:
+                raise ApprovalDenied(spec.name, outcome.approval.id, outcome.reason)
+            result = spec.handler(session, args)
+            if isinstance(result, _CoroutineType):
+                return Deferred.fromCoroutine(result)
+            return result
+
+        return waiting.addCallback(decided)
 
     def _wait(
         self, session: ClientSession, spec: MethodSpec, args: object, rid: JsonValue, notification: bool, d: Deferred[object]

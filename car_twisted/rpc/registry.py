@@ -30,6 +30,9 @@ __all__ = ["MethodSpec", "MethodRegistry", "StaticMethods"]
 Handler = Callable[["ClientSession", Any], object]
 # A deadline function takes the same parsed params.
 DeadlineOf = Callable[[Any], float | None]
+# An approval rule takes the session and the parsed params: why this call
+# must wait for approval, or None.
+ApprovalRule = Callable[["ClientSession", Any], str | None]
 
 
 class SpecOptions(TypedDict, total=False):
@@ -40,6 +43,7 @@ class SpecOptions(TypedDict, total=False):
     deadline: float | DeadlineOf | None
     description: str
     parse_at_edge: bool
+    approval: ApprovalRule | None
 
 
 @attrs.frozen
@@ -58,6 +62,8 @@ class MethodSpec:
         class before the handler runs; False hands the handler the raw
         value (it parses itself, e.g. to count a malformed call) while
         ``server.schema`` still describes the class.
+    @ivar approval: a rule saying why this call must wait for a person's
+        approval (the daemon's ``ApprovalGate``), or None when it need not.
     """
 
     name: str
@@ -68,6 +74,7 @@ class MethodSpec:
     deadline: float | DeadlineOf | None = None
     description: str = ""
     parse_at_edge: bool = True
+    approval: ApprovalRule | None = None
 
 
 def method_specs(specs: Iterable[MethodSpec]) -> tuple[MethodSpec, ...]:

@@ -26,6 +26,7 @@ _EXACT = {
     "classify": _INFERENCE,
     "search": "web search is out of this daemon's scope",
     "web_fetch": "web fetching is out of this daemon's scope",
+    "goal.suggest": "suggesting a goal needs model inference, which is out of this daemon's scope",
 }
 
 _PREFIXES = (

@@ -112,6 +112,11 @@ class RunRegistry:
         """C{session}'s part in run tracing, made on first use."""
         return session.feature(RunConnection, self._new_connection)
 
+    def current_run(self, session: ClientSession) -> str | None:
+        """The run C{session}'s work is recorded into, if it started one."""
+        conn = session.existing_feature(RunConnection)
+        return conn.current_run if conn is not None else None
+
     def _new_connection(self, session: ClientSession) -> RunConnection:
         session.channel.on_resume(lambda: self.subscriptions.drain(session))
         return RunConnection(self, session)
@@ -341,8 +346,7 @@ class RunRegistry:
         append path (ownership, bounds, ceiling) as ``runs.record_turns``.
         A session without a current run it owns records nothing.
         """
-        conn = session.existing_feature(RunConnection)
-        run_id = conn.current_run if conn is not None else None
+        run_id = self.current_run(session)
         if run_id is None:
             return
         actions = {a.id: a for a in proposal.actions}
