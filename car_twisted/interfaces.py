@@ -26,6 +26,7 @@ __all__ = [
     "IAgentIdentities",
     "IBinaryReceiver",
     "IClientSession",
+    "IMemgine",
     "IMethodProvider",
     "IRunStore",
     "ISessionFeature",
@@ -231,3 +232,76 @@ class IRunStore(Interface):
 
         @return: a Deferred firing with None once it is gone.
         """
+
+
+class IMemgine(Interface):
+    """
+    One memory graph ("memgine"): facts linked through the entities and
+    terms they share, retrieved by personalized PageRank from a query's
+    terms.  Everything runs on the reactor thread and is bounded: adding a
+    fact costs O(its terms), never a rebuild; a query has a fixed iteration
+    budget whatever the graph's size.
+    """
+
+    fact_limit = Attribute("The most valid facts this graph holds.")
+    generation = Attribute("A counter that changes with every change (persistence watches it).")
+
+    def add(subject, body, kind="pattern", fact_id=None, confidence=1.0, tags=(), source="", constraint=None, metadata=None):
+        """
+        Add a fact, or replace the one with the same C{fact_id}.
+
+        @return: the stored L{car_twisted.memory.model.Fact}.
+        @raise car_twisted.memory.model.MemoryFull: past C{fact_limit}.
+        """
+
+    def get(fact_id):
+        """The fact with C{fact_id}, or None."""
+
+    def delete(fact_id):
+        """Remove a fact; @return: it, or None if there was none."""
+
+    def count():
+        """How many valid facts the graph holds."""
+
+    def facts():
+        """Every valid fact, oldest first."""
+
+    def query(text, k):
+        """
+        The C{k} facts most relevant to C{text}, best first; equal scores
+        keep insertion order.  With a utility weight above 0 the score
+        blends each fact's utility posterior.
+        """
+
+    def build_context(query, budget_tokens):
+        """
+        The context string for a model: Identity, Constraints, Facts,
+        Conversation, Environment, Known Unknowns, within C{budget_tokens}.
+        """
+
+    def consolidate():
+        """Merge duplicates and expire superseded facts; @return: a report of what changed."""
+
+    def snapshot():
+        """The whole graph as a JSON-ready object (what ``restore`` takes)."""
+
+    def restore(snapshot):
+        """
+        Replace the whole graph with C{snapshot}.
+
+        @return: how many facts it now holds.
+        @raise ValueError: the snapshot is not one; the graph is untouched.
+        """
+
+    def utility():
+        """@return: C{(utility_weight, utility_exploration)}."""
+
+    def set_utility(weight, exploration):
+        """Set either (None keeps it), clamped; @return: the applied pair."""
+
+    def mark_used(fact_id):
+        """A fact was shown to a model (a use, for outcome credit)."""
+
+    def record_outcome(fact_id, success):
+        """Credit (or debit) a fact's utility posterior."""
+

@@ -1,0 +1,1 @@
+"""The memory graph ("memgine"): facts, retrieval by personalized PageRank, scopes and persistence."""
