@@ -7,7 +7,9 @@ Each request passes, in order: envelope checks (``-32600``), the auth gate
 (``-32601``), params parsing (``-32602``), then its handler.  A handler
 that returns a plain value is answered at once, with no Deferred built; one
 that waits (a Deferred or a coroutine) runs concurrently with everything
-else on the connection under a deadline (``-32004``).  ``error_for`` is the
+else on the connection under a deadline (``-32004``), and its id is named
+in an ``infer.progress`` notification every few seconds while it waits, so
+the client's 30 s silence limit does not give up on it.  ``error_for`` is the
 one place exceptions become error responses.
 """
 
@@ -46,6 +48,7 @@ from car_twisted.rpc.envelope import (
     valid_id,
 )
 from car_twisted.rpc.params import parse_params
+from car_twisted.rpc.pulse import ProgressPulse
 from car_twisted.rpc.scope import out_of_scope_reason
 
 if TYPE_CHECKING:
@@ -105,6 +108,7 @@ class Dispatcher:
         self.max_message_bytes = config.max_message_bytes
         self.max_depth = config.max_json_depth
         self.gate = config.approval_gate
+        self.pulse = ProgressPulse(self.clock)
 
     # -- entry points --------------------------------------------------------
 
@@ -292,8 +296,12 @@ class Dispatcher:
         def on_timeout(result: object, seconds: float) -> Failure:
             return Failure(HandlerDeadlineExceeded(method, seconds))
 
+        pulse = None if notification else self.pulse.add(session.channel, rid)
+
         def done(result: object) -> object:
             session.in_flight -= 1
+            if pulse is not None:
+                self.pulse.discard(pulse)
             return result
 
         d.addTimeout(timeout, self.clock, onTimeoutCancel=on_timeout)

@@ -190,7 +190,7 @@ def test_handler_deadline(tmp_path):
     h = Harness(tmp_path, handler_timeout=10.0)
     h.send(request("t.async", {"key": "k"}, 1))
     h.clock.advance(9.9)
-    assert h.replies() == []
+    assert [r for r in h.replies() if "id" in r] == []
     h.clock.advance(0.2)
     (reply,) = h.replies()
     assert error_code(reply) == -32004
@@ -314,3 +314,48 @@ def test_unserializable_result_is_internal_error(h):
 
 def request_obj(method, params, rid):
     return {"jsonrpc": "2.0", "id": rid, "method": method, "params": params}
+
+
+def pulses(replies):
+    return [r["params"]["id"] for r in replies if r.get("method") == "infer.progress"]
+
+
+def test_pending_requests_hear_a_progress_pulse(tmp_path):
+    """
+    A request still waiting is named in ``infer.progress`` every 9 s (the
+    client's silence limit is 30 s); an answered one is not, a notification
+    never is, and the timer stops when nothing is pending.
+    """
+    h = Harness(tmp_path, handler_timeout=100.0)
+    h.send(request("t.wait", {"key": "a"}, 1))
+    h.send(request("t.async", {"key": "b"}, "two"))
+    h.send({"jsonrpc": "2.0", "method": "t.wait", "params": {"key": "note"}})
+    h.clock.advance(8.9)
+    assert h.replies() == []
+    h.clock.advance(0.2)
+    assert sorted(pulses(h.replies()), key=str) == [1, "two"]
+    h.waiting["a"].callback("done")
+    assert h.replies() == [{"jsonrpc": "2.0", "id": 1, "result": "done"}]
+    h.clock.advance(9.0)
+    assert h.replies() == [{"jsonrpc": "2.0", "method": "infer.progress", "params": {"id": "two"}}]
+    h.waiting["b"].callback(1)
+    h.waiting["note"].callback(None)
+    h.replies()
+    assert h.clock.getDelayedCalls() == []
+    assert len(h.dispatcher.pulse) == 0
+
+
+def test_pulse_skips_a_paused_reader_and_forgets_a_closed_one(tmp_path):
+    h = Harness(tmp_path, handler_timeout=100.0)
+    h.send(request("t.wait", {"key": "a"}, 1))
+    h.session.channel.pause()
+    h.clock.advance(9.0)
+    assert h.replies() == []
+    h.session.channel.resume()
+    h.clock.advance(9.0)
+    assert pulses(h.replies()) == [1]
+    h.sink.writable = False
+    h.clock.advance(9.0)
+    assert h.replies() == []
+    assert len(h.dispatcher.pulse) == 0
+    assert all(not c.func.__name__ == "_beat" for c in h.clock.getDelayedCalls())

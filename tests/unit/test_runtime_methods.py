@@ -169,8 +169,9 @@ def test_proposal_deadline_is_derived_from_budgets(tmp_path, clock):
     c.result("tools.register", [{"name": "t"}])
     rid = c.send("proposal.submit", {"proposal": {"actions": [{"id": "a", "type": "tool_call", "tool": "t", "timeout_ms": 20_000}]}})
     (cb,) = c.sink.pop()
-    clock.advance(19)  # past the flat 10 s, inside the derived 35 s
-    assert c.sink.pop() == []
+    clock.pump([9, 10])  # past the flat 10 s, inside the derived 35 s
+    # Only the liveness pulses (at 9 s and 18 s) that keep the client waiting.
+    assert c.sink.pop() == [{"jsonrpc": "2.0", "method": "infer.progress", "params": {"id": rid}}] * 2
     c.dispatcher.dispatch_text(c.session, json.dumps({"jsonrpc": "2.0", "id": cb["id"], "result": 1}).encode())
     (reply,) = c.sink.pop()
     assert reply["id"] == rid and reply["result"]["results"][0]["status"] == "succeeded"
@@ -186,10 +187,10 @@ def test_handler_deadline_cancels_tool_and_answers_32004(tmp_path, clock):
     fake = FakeToolExecutor({"t": lambda call: None})
     fake.hold = {"t"}
     c.session._components[IToolExecutor] = fake
-    c.send("proposal.submit", {"proposal": {"actions": [{"id": "a", "type": "tool_call", "tool": "t"}]}})
+    rid = c.send("proposal.submit", {"proposal": {"actions": [{"id": "a", "type": "tool_call", "tool": "t"}]}})
     # Derived deadline: 1 s tool budget + 15 s grace = 16 s (above the flat 5 s).
     clock.advance(15.9)
-    assert c.sink.pop() == []
+    assert c.sink.pop() == [{"jsonrpc": "2.0", "method": "infer.progress", "params": {"id": rid}}]
     clock.advance(0.2)
     (reply,) = c.sink.pop()
     assert reply["error"]["code"] == -32004
