@@ -30,6 +30,8 @@ setup(
         "zope.interface>=6.0,<9",
         "attrs>=23.1,<27",
         "orjson>=3.9,<4",
+        "numpy>=1.26,<3",
+        "scipy>=1.11,<2",
     ],
     extras_require={
         "test": [
