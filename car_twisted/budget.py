@@ -56,6 +56,13 @@ class ByteBudget:
             level.used += n
             level = level.parent
 
+    def retake(self, n: int) -> None:
+        """Count C{n} bytes at every level without a check: only for bytes just released (an undo)."""
+        level: ByteBudget | None = self
+        while level is not None:
+            level.used += n
+            level = level.parent
+
     def release(self, n: int) -> None:
         """Give back C{n} bytes (never below zero)."""
         level: ByteBudget | None = self

@@ -19,6 +19,7 @@ from zope.interface.verify import verifyObject
 from car_twisted.agents.manifest import DEFAULT_STOP_GRACE_SECS
 from car_twisted.host.gate import ApprovalGate
 from car_twisted.interfaces import IAgentIdentities, IMethodProvider, IRunStore
+from car_twisted.memory.scopes import GraphFactory
 from car_twisted.paths import CarPaths, ConfigError
 from car_twisted.rpc.registry import MethodSpec, method_specs
 from car_twisted.runs.model import RUN_COMPLETE_GRACE
@@ -135,6 +136,9 @@ LIMITS = (
     "run_store_max_bytes",
     "run_retention_per_agent",
     "run_retention_total",
+    "memory_fact_limit",
+    "memory_graph_max_bytes",
+    "memory_max_bytes",
 )
 # Limits where 0 means "off" rather than "nothing allowed".
 _ZERO_IS_OFF = frozenset({"idle_timeout", "ping_interval"})
@@ -221,6 +225,12 @@ class ServerStateConfig:
     @ivar methods / method_providers: extra JSON-RPC methods.
     @ivar adapters: extra component adapters for the state's registry.
     @ivar agent_identities: provides ``IAgentIdentities`` (agent binding).
+    @ivar memgine_factory: makes the memory graph of each scope (the
+        shared one, a namespace's, an agent's) given the byte budget its
+        facts should count against; the embedded engine when None.
+    @ivar memory_fact_limit: facts one memory graph may hold.
+    @ivar memory_graph_max_bytes / memory_max_bytes: bytes of facts one
+        graph, and all loaded graphs together, may hold.
     @ivar approval_gate: which calls wait for a person's approval
         (``twist car --no-approvals`` / ``CAR_NO_APPROVALS=1`` turn it off).
     """
@@ -268,6 +278,10 @@ class ServerStateConfig:
         default=None, validator=_provides(IAgentIdentities)
     )
     approval_gate: ApprovalGate = attrs.field(factory=ApprovalGate)
+    memgine_factory: GraphFactory | None = None
+    memory_fact_limit: int = 100_000
+    memory_graph_max_bytes: int = 256 * 1024 * 1024
+    memory_max_bytes: int = 1024 * 1024 * 1024
 
     @classmethod
     def from_environ(

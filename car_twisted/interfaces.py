@@ -8,7 +8,7 @@ adapter registry (see ``car_twisted.adapters``).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
 from zope.interface import Attribute, Interface
@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
 
     from car_twisted.json_value import JsonValue
+    from car_twisted.memory.model import Fact
     from car_twisted.proposal.ir import ToolCall
     from car_twisted.rpc.registry import MethodSpec
     from car_twisted.runs.model import RunRecord, StoredRun
@@ -246,7 +247,17 @@ class IMemgine(Interface):
     fact_limit = Attribute("The most valid facts this graph holds.")
     generation = Attribute("A counter that changes with every change (persistence watches it).")
 
-    def add(subject, body, kind="pattern", fact_id=None, confidence=1.0, tags=(), source="", constraint=None, metadata=None):
+    def add(
+        subject: str,
+        body: str,
+        kind: str = "pattern",
+        fact_id: str | None = None,
+        confidence: float = 1.0,
+        tags: Iterable[str] = (),
+        source: str = "",
+        constraint: bool | None = None,
+        metadata: Mapping[str, JsonValue] | None = None,
+    ) -> Fact:
         """
         Add a fact, or replace the one with the same C{fact_id}.
 
@@ -254,38 +265,38 @@ class IMemgine(Interface):
         @raise car_twisted.memory.model.MemoryFull: past C{fact_limit}.
         """
 
-    def get(fact_id):
+    def get(fact_id: str) -> Fact | None:
         """The fact with C{fact_id}, or None."""
 
-    def delete(fact_id):
+    def delete(fact_id: str) -> Fact | None:
         """Remove a fact; @return: it, or None if there was none."""
 
-    def count():
+    def count() -> int:
         """How many valid facts the graph holds."""
 
-    def facts():
+    def facts() -> list[Fact]:
         """Every valid fact, oldest first."""
 
-    def query(text, k):
+    def query(text: str, k: int) -> list[Fact]:
         """
         The C{k} facts most relevant to C{text}, best first; equal scores
         keep insertion order.  With a utility weight above 0 the score
         blends each fact's utility posterior.
         """
 
-    def build_context(query, budget_tokens):
+    def build_context(query: str, budget_tokens: int) -> str:
         """
         The context string for a model: Identity, Constraints, Facts,
         Conversation, Environment, Known Unknowns, within C{budget_tokens}.
         """
 
-    def consolidate():
+    def consolidate() -> dict[str, JsonValue]:
         """Merge duplicates and expire superseded facts; @return: a report of what changed."""
 
-    def snapshot():
+    def snapshot() -> dict[str, JsonValue]:
         """The whole graph as a JSON-ready object (what ``restore`` takes)."""
 
-    def restore(snapshot):
+    def restore(snapshot: object) -> int:
         """
         Replace the whole graph with C{snapshot}.
 
@@ -293,15 +304,15 @@ class IMemgine(Interface):
         @raise ValueError: the snapshot is not one; the graph is untouched.
         """
 
-    def utility():
+    def utility() -> tuple[float, float]:
         """@return: C{(utility_weight, utility_exploration)}."""
 
-    def set_utility(weight, exploration):
+    def set_utility(weight: float | None = None, exploration: float | None = None) -> tuple[float, float]:
         """Set either (None keeps it), clamped; @return: the applied pair."""
 
-    def mark_used(fact_id):
-        """A fact was shown to a model (a use, for outcome credit)."""
+    def mark_used(fact_id: str) -> Fact | None:
+        """A fact was shown to a model (a use, for outcome credit); @return: it, or None."""
 
-    def record_outcome(fact_id, success):
-        """Credit (or debit) a fact's utility posterior."""
+    def record_outcome(fact_id: str, success: bool) -> Fact | None:
+        """Credit (or debit) a fact's utility posterior; @return: the fact, or None."""
 

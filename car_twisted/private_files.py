@@ -21,6 +21,7 @@ from pathlib import Path
 from car_twisted.paths import ConfigError
 
 __all__ = [
+    "FileTooLarge",
     "UnsafeStateError",
     "check_private_tree",
     "check_private_paths",
@@ -34,6 +35,10 @@ _NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
 
 class UnsafeStateError(ConfigError):
     """A state path another user controls or could change (exit 2)."""
+
+
+class FileTooLarge(OSError):
+    """A private file larger than the reader would take."""
 
 
 def _uid() -> int:
@@ -198,15 +203,23 @@ def open_private(path: Path, flags: int, mode: int = 0o600) -> int:
     return fd
 
 
-def read_private(path: Path) -> bytes:
-    """The whole of a small private file (no symlinks followed)."""
+def read_private(path: Path, max_bytes: int | None = None) -> bytes:
+    """
+    The whole of a small private file (no symlinks followed).
+
+    @raise FileTooLarge: it holds more than C{max_bytes} (read no further).
+    """
     fd = open_private(path, os.O_RDONLY)
     try:
         chunks: list[bytes] = []
+        size = 0
         while True:
             chunk = os.read(fd, 1 << 16)
             if not chunk:
                 return b"".join(chunks)
+            size += len(chunk)
+            if max_bytes is not None and size > max_bytes:
+                raise FileTooLarge(f"{path.name} holds more than {max_bytes} bytes")
             chunks.append(chunk)
     finally:
         os.close(fd)

@@ -9,8 +9,9 @@ state store in bytes as well as keys.
 
 from __future__ import annotations
 
+import collections
 import secrets
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
 import orjson
@@ -20,7 +21,7 @@ from car_twisted.budget import ByteBudget
 from car_twisted.errors import InvalidParams, RpcError
 from car_twisted.interfaces import ISessionFeature
 from car_twisted.json_value import JsonValue
-from car_twisted.proposal.ir import ToolSchema
+from car_twisted.proposal.ir import ActionResult, ToolSchema
 from car_twisted.proposal.rules import PolicyDefinition
 from car_twisted.rpc.envelope import dumps
 
@@ -35,6 +36,7 @@ MAX_POLICY_SESSIONS = 256
 MAX_STATE_KEYS = 100_000
 MAX_KEY_LEN = 1024
 DEFAULT_STATE_BYTES = 16 * 1024 * 1024
+MAX_RECENT_TROUBLES = 256
 # What one stored key costs beyond its key and value bytes (dict slot,
 # the bytes object's header): counted so a flood of empty values is bounded.
 _ENTRY_OVERHEAD = 96
@@ -191,6 +193,24 @@ class SessionRuntime:
         # Set by a terminal tool error: later proposals are refused until a
         # host clears it (session.clear_halt) or the client reconnects.
         self.halted: dict[str, str] | None = None
+        # The latest proposals' failed and retried actions, newest last
+        # (what memory.maintain mines); bounded.
+        self.recent_troubles: collections.deque[dict[str, JsonValue]] = collections.deque(maxlen=MAX_RECENT_TROUBLES)
+
+    def note_troubles(self, proposal_id: str, results: Iterable[ActionResult], tools: dict[str, str]) -> None:
+        """Keep the failed and retried actions of a finished proposal."""
+        for res in results:
+            if res.status == "failed" or res.attempts > 1:
+                self.recent_troubles.append(
+                    {
+                        "kind": "action_failed" if res.status == "failed" else "action_retried",
+                        "proposal_id": proposal_id,
+                        "action_id": res.action_id,
+                        "tool": tools.get(res.action_id, ""),
+                        "error": (res.error or "")[:2048],
+                        "attempts": res.attempts,
+                    }
+                )
 
     def holds_client_state(self) -> bool:
         """True once the client registered something a reconnect would lose."""

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, DeferredList
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -67,8 +67,9 @@ class EnginesService(Service):
     """
     What runs beside the listeners: at start, tells the agent supervisor
     where the daemon listens (its first TCP listener) and auto-starts the
-    manifest's agents; at stop, stops every child and cancels the run
-    grace timers (open runs then read as incomplete).
+    manifest's agents; at stop, stops every child, cancels the run grace
+    timers (open runs then read as incomplete) and writes back the memory
+    graphs that changed.
     """
 
     def __init__(self, state: ServerState, server: CarService) -> None:
@@ -84,10 +85,12 @@ class EnginesService(Service):
         agents.load()
         agents.boot()
 
-    def stopService(self) -> Deferred[None]:
+    def stopService(self) -> Deferred[object]:
         super().stopService()
         self.state.runs.shutdown()
-        return self.state.agents.shutdown()
+        # Memory graphs are written back before the daemon goes.
+        stops: list[Deferred[object]] = [self.state.agents.shutdown(), self.state.memory.flush()]  # type: ignore[list-item]
+        return DeferredList(stops, consumeErrors=True)  # type: ignore[return-value]
 
 
 class CarService(MultiService):

@@ -25,8 +25,9 @@ from car_twisted.config import ServerStateConfig
 from car_twisted.host.chat import ChatRelay
 from car_twisted.host.goals import GoalStore
 from car_twisted.host.registry import HostRegistry
-from car_twisted.interfaces import IAgentIdentities, IMethodProvider, IRunStore, IWsSink
+from car_twisted.interfaces import IAgentIdentities, IMemgine, IMethodProvider, IRunStore, IWsSink
 from car_twisted.json_value import JsonValue
+from car_twisted.memory.scopes import MemoryScope, MemoryScopes
 from car_twisted.rpc.registry import Handler, MethodRegistry, MethodSpec
 from car_twisted.runs.registry import RunRegistry
 from car_twisted.runs.store import JsonlRunStore
@@ -50,6 +51,7 @@ def _builtin_providers(state: ServerState) -> Iterable[IMethodProvider]:
     from car_twisted.methods.chat import ChatMethods
     from car_twisted.methods.host import HostMethods
     from car_twisted.methods.keyvalue import KeyValueMethods
+    from car_twisted.methods.memory import MemoryMethods
     from car_twisted.methods.policy import PolicyMethods
     from car_twisted.methods.proposal import ProposalMethods
     from car_twisted.methods.registry import RegistryMethods
@@ -70,6 +72,7 @@ def _builtin_providers(state: ServerState) -> Iterable[IMethodProvider]:
         RegistryMethods(state),
         HostMethods(state),
         ChatMethods(state),
+        MemoryMethods(state),
     )
 
 
@@ -105,6 +108,13 @@ class ServerState:
         self.host = HostRegistry(clock, self._host_identity)
         self.goals = GoalStore(clock, config.paths.home / "chat-goals.json")
         self.chats = ChatRelay(clock, self.attached_agent, self.goals, self.runs)
+        self.memory = MemoryScopes(
+            clock,
+            config.paths.home / "memory",
+            config.memgine_factory or self._embedded_graph,
+            graph_bytes=config.memory_graph_max_bytes,
+            total_bytes=config.memory_max_bytes,
+        )
         self.sessions: dict[str, ClientSession] = {}
         # Every connection's state.* bytes together.
         self.state_budget = ByteBudget("daemon state", config.max_state_bytes_total)
@@ -118,6 +128,12 @@ class ServerState:
             self.methods.add_provider(provider)
         for spec in config.methods:
             self.methods.register(spec)
+
+    def _embedded_graph(self, scope: MemoryScope, budget: ByteBudget) -> IMemgine:
+        # Imported on first use: numpy and scipy are not loaded by a daemon that never remembers.
+        from car_twisted.memory.graph import MemoryGraph
+
+        return MemoryGraph(self.clock, fact_limit=self.config.memory_fact_limit, budget=budget)
 
     def attached_agent(self, agent_id: str) -> ClientSession | None:
         """The live connection bound to C{agent_id}, if any."""

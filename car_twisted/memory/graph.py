@@ -17,7 +17,9 @@ What it keeps:
   and ``utility_exploration`` in [0, 4] (standard deviations of the
   outcome posterior added to its mean).
 
-Bounds: at most ``fact_limit`` valid facts (``MemoryFull`` past it), query
+Bounds: at most ``fact_limit`` valid facts (``MemoryFull`` past it), the
+stored facts' bytes within ``budget`` (``BudgetExceeded`` past it; the
+daemon gives each graph a budget inside one for all graphs), query
 text cut to ``MAX_QUERY_CHARS``, ``k`` cut to ``MAX_K``, ``build_context``
 looks at ``CONTEXT_K`` retrieved facts and a bounded number per section.
 ``generation`` goes up by one with every change, so persistence can tell
@@ -35,12 +37,14 @@ import attrs
 from twisted.internet.interfaces import IReactorTime
 from zope.interface import implementer
 
+from car_twisted.budget import ByteBudget
 from car_twisted.interfaces import IMemgine
 from car_twisted.json_value import JsonValue
 from car_twisted.memory.context import MAX_ITEMS_PER_SECTION, Section, assemble
 from car_twisted.memory.index import TermIndex
 from car_twisted.memory.model import Fact, MemoryFull
 from car_twisted.memory.records import (
+    MAX_TAGS,
     SNAPSHOT_VERSION,
     FactSpec,
     check_confidence,
@@ -52,9 +56,10 @@ from car_twisted.memory.records import (
 )
 from car_twisted.memory.terms import fact_terms, normalise_text, query_terms
 
-__all__ = ["CONTEXT_K", "DEFAULT_FACT_LIMIT", "MAX_K", "MAX_QUERY_CHARS", "MemoryGraph"]
+__all__ = ["CONTEXT_K", "DEFAULT_FACT_LIMIT", "DEFAULT_GRAPH_BYTES", "MAX_K", "MAX_QUERY_CHARS", "MemoryGraph"]
 
 DEFAULT_FACT_LIMIT = 100_000
+DEFAULT_GRAPH_BYTES = 256 * 1024 * 1024
 MAX_K = 100
 MAX_QUERY_CHARS = 4096
 CONTEXT_K = 32
@@ -82,11 +87,12 @@ def _clamp(value: float, high: float) -> float:
 class MemoryGraph:
     """One memory graph; see the module docstring."""
 
-    def __init__(self, clock: IReactorTime, fact_limit: int = DEFAULT_FACT_LIMIT) -> None:
+    def __init__(self, clock: IReactorTime, fact_limit: int = DEFAULT_FACT_LIMIT, budget: ByteBudget | None = None) -> None:
         if isinstance(fact_limit, bool) or not isinstance(fact_limit, int) or fact_limit < 1:
             raise ValueError("fact_limit must be a positive integer")
         self._clock = clock
         self.fact_limit = fact_limit
+        self.budget = budget if budget is not None else ByteBudget("memory graph", DEFAULT_GRAPH_BYTES)
         self.generation = 0
         self._utility_weight = 0.0
         self._utility_exploration = DEFAULT_EXPLORATION
@@ -104,6 +110,8 @@ class MemoryGraph:
         # Superseded facts, oldest first.
         self._superseded: dict[str, None] = {}
         self._index = TermIndex()
+        # What each stored fact holds of the byte budget (Fact.size when stored).
+        self._sizes: dict[str, int] = {}
 
     @property
     def index(self) -> TermIndex:
@@ -251,7 +259,18 @@ class MemoryGraph:
         )
 
     def _store(self, fact: Fact, terms: Sequence[str]) -> None:
-        """Put C{fact} in place (replacing one with its id); no generation change."""
+        """
+        Put C{fact} in place (replacing one with its id); no generation change.
+
+        @raise BudgetExceeded: its bytes do not fit; nothing changed.
+        """
+        size = fact.size()
+        grows = size - self._sizes.get(fact.id, 0)
+        if grows > 0:
+            self.budget.reserve(grows)
+        else:
+            self.budget.release(-grows)
+        self._sizes[fact.id] = size
         if fact.id in self._facts:
             self._unlink(self._facts[fact.id])
         else:
@@ -279,6 +298,7 @@ class MemoryGraph:
         if fact is not None:
             self._unlink(fact)
             del self._seq[fact_id]
+            self.budget.release(self._sizes.pop(fact_id, 0))
         return fact
 
     def _supersede(self, fact: Fact, now: float) -> None:
@@ -369,7 +389,8 @@ class MemoryGraph:
             keeper.uses += fact.uses
             keeper.successes += fact.successes
             keeper.failures += fact.failures
-            keeper.tags = tuple(dict.fromkeys(keeper.tags + fact.tags))
+            # Capped as an add would be, so the graph always reloads.
+            keeper.tags = tuple(dict.fromkeys(keeper.tags + fact.tags))[:MAX_TAGS]
             keeper.confidence = max(keeper.confidence, fact.confidence)
             keeper.constraint = keeper.constraint or fact.constraint
             keeper.updated_at = now
@@ -410,8 +431,12 @@ class MemoryGraph:
         """
         specs, utility = parse_snapshot(snapshot, self.fact_limit)
         now = self._clock.seconds()
-        # Built aside and swapped in whole, so a failure leaves the graph as it was.
+        # Built aside and swapped in whole, so a failure leaves the graph as
+        # it was; the old facts' bytes are given back while the new ones are
+        # counted, and taken again if the new ones do not fit.
         saved = self.__dict__.copy()
+        held = sum(self._sizes.values())
+        self.budget.release(held)
         try:
             self._reset()
             given = {spec.fact_id for spec in specs if spec.fact_id is not None}
@@ -426,7 +451,9 @@ class MemoryGraph:
                 if fact.valid:
                     self._apply_supersedes(fact, now)
         except BaseException:
+            self.budget.release(sum(self._sizes.values()))
             self.__dict__.update(saved)
+            self.budget.retake(held)
             raise
         if utility is not None:
             weight, exploration = utility

@@ -14,11 +14,16 @@ its ``source``.
 from __future__ import annotations
 
 import attrs
+import orjson
 
 from car_twisted.errors import RpcError
 from car_twisted.json_value import JsonValue
 
-__all__ = ["Fact", "FACT_KINDS", "WS_SOURCE_PREFIX", "MemoryFull"]
+__all__ = ["Fact", "FACT_KINDS", "FACT_OVERHEAD_BYTES", "WS_SOURCE_PREFIX", "MemoryFull"]
+
+#: What a stored fact costs beyond its text (objects, index entries): counted
+#: so a flood of empty facts is bounded in bytes too.
+FACT_OVERHEAD_BYTES = 512
 
 FACT_KINDS = (
     "pattern",
@@ -65,6 +70,14 @@ class Fact:
     @property
     def valid(self) -> bool:
         return self.status == "valid"
+
+    def size(self) -> int:
+        """The bytes a byte budget counts for this fact: its text, tags and metadata, plus overhead."""
+        n = len(self.subject.encode()) + len(self.body.encode()) + len(self.source.encode())
+        n += len(self.id) + len(self.kind) + sum(len(tag.encode()) for tag in self.tags)
+        if self.metadata:
+            n += len(orjson.dumps(self.metadata))
+        return n + FACT_OVERHEAD_BYTES
 
     def to_wire(self) -> dict[str, JsonValue]:
         """What ``memory.query`` answers for one fact."""

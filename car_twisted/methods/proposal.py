@@ -105,6 +105,7 @@ class ProposalMethods:
         def finish(result: ProposalResult) -> Deferred[ProposalResult]:
             if result.halted is not None:
                 runtime.halted = result.halted
+            runtime.note_troubles(result.proposal_id, result.results, {a.id: a.tool or a.type for a in proposal.actions})
             # Record into the session's current run before answering, so
             # the trace is complete by the time the client sees the result.
             d = ensureDeferred(self.state.runs.record_proposal(session, proposal, result))

@@ -27,6 +27,8 @@ _EXACT = {
     "search": "web search is out of this daemon's scope",
     "web_fetch": "web fetching is out of this daemon's scope",
     "goal.suggest": "suggesting a goal needs model inference, which is out of this daemon's scope",
+    "memory.admission_table": "the memory admission table is not implemented by this daemon",
+    "memory.set_admission_table": "the memory admission table is not implemented by this daemon",
 }
 
 _PREFIXES = (

@@ -1,0 +1,85 @@
+"""
+Where ``memory.persist`` and ``memory.load`` may touch the disk: inside
+``$CAR_HOME/memory/`` and nowhere else.
+
+A relative path lands under that base; an absolute one must already point
+inside it.  Refused, with ``memory.<method> rejected path …``: a ``..``
+segment, a NUL, a name or path too long, a directory on the way that is a
+symlink or resolves outside the base, and a file that is a symlink (the
+file itself is opened with ``O_NOFOLLOW`` too, and directories created on
+the way are 0700).  The checks run where the file is touched (off the
+reactor thread), right before the open.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path, PurePosixPath
+
+from car_twisted.errors import INVALID_PARAMS, RpcError
+from car_twisted.private_files import ensure_private_dir
+
+__all__ = ["memory_path", "MAX_PATH_CHARS", "MAX_NAME_CHARS"]
+
+MAX_PATH_CHARS = 1024
+MAX_NAME_CHARS = 255
+
+
+def _rejected(method: str, path: str, why: str) -> RpcError:
+    return RpcError(f"{method} rejected path {path[:200]!r}: {why}", data={"field": "path"}, code=INVALID_PARAMS)
+
+
+def memory_path(base: Path, raw: str, method: str, create_dirs: bool) -> Path:
+    """
+    The file C{raw} names inside C{base} (``$CAR_HOME/memory``).
+
+    @param create_dirs: make missing directories (0700) on the way
+        (``memory.persist``); ``memory.load`` needs them to exist.
+    @raise RpcError: C{-32602}: the path leaves the sandbox or cannot be
+        used; the message says ``<method> rejected path …`` and why.
+    """
+    if not raw or "\0" in raw:
+        raise _rejected(method, raw, "empty or contains a NUL")
+    if len(raw) > MAX_PATH_CHARS:
+        raise _rejected(method, raw, f"longer than {MAX_PATH_CHARS} characters")
+    pure = PurePosixPath(raw)
+    if any(part == ".." for part in pure.parts):
+        raise _rejected(method, raw, "'..' segments are not allowed")
+    if any(len(part.encode()) > MAX_NAME_CHARS for part in pure.parts):
+        raise _rejected(method, raw, f"a path component is longer than {MAX_NAME_CHARS} bytes")
+    ensure_private_dir(base)
+    real_base = Path(os.path.realpath(base))
+    if pure.is_absolute():
+        candidate = Path(pure)
+        try:
+            relative = candidate.relative_to(base)
+        except ValueError:
+            try:
+                relative = candidate.relative_to(real_base)
+            except ValueError:
+                raise _rejected(method, raw, "absolute paths must be inside the memory directory ($CAR_HOME/memory)") from None
+    else:
+        relative = Path(pure)
+    if not relative.parts or relative.name in ("", "."):
+        raise _rejected(method, raw, "names a directory, not a file")
+    # Walk the directories one by one: none may be a symlink (a symlinked
+    # directory could lead anywhere), each must stay inside the base.
+    directory = real_base
+    for part in relative.parts[:-1]:
+        if part == ".":
+            continue
+        directory = directory / part
+        if os.path.islink(directory):
+            raise _rejected(method, raw, f"{directory} is a symbolic link")
+        if not os.path.exists(directory):
+            if not create_dirs:
+                raise _rejected(method, raw, f"{directory} does not exist")
+            ensure_private_dir(directory)
+        elif not os.path.isdir(directory):
+            raise _rejected(method, raw, f"{directory} is not a directory")
+    target = directory / relative.name
+    if os.path.islink(target):
+        raise _rejected(method, raw, "the file is a symbolic link")
+    if Path(os.path.realpath(target.parent)) != directory:
+        raise _rejected(method, raw, "resolves outside the memory directory")
+    return target
