@@ -28,6 +28,7 @@ __all__ = [
     "IBinaryReceiver",
     "IClientSession",
     "IMemgine",
+    "IMemoryScope",
     "IMethodProvider",
     "IRunStore",
     "ISessionFeature",
@@ -233,6 +234,17 @@ class IRunStore(Interface):
 
         @return: a Deferred firing with None once it is gone.
         """
+
+
+class IMemoryScope(Interface):
+    """
+    Which memory graph a connection uses (``car_twisted.memory.scopes``):
+    adapt one to ``IMemgine`` in a daemon's registry to give some scopes an
+    engine of their own.
+    """
+
+    kind = Attribute("``shared``, ``namespace`` or ``agent``.")
+    name = Attribute("The namespace or agent id; empty for the shared graph.")
 
 
 class IMemgine(Interface):

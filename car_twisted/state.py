@@ -111,7 +111,7 @@ class ServerState:
         self.memory = MemoryScopes(
             clock,
             config.paths.home / "memory",
-            config.memgine_factory or self._embedded_graph,
+            self._memory_graph,
             graph_bytes=config.memory_graph_max_bytes,
             total_bytes=config.memory_max_bytes,
         )
@@ -129,7 +129,17 @@ class ServerState:
         for spec in config.methods:
             self.methods.register(spec)
 
-    def _embedded_graph(self, scope: MemoryScope, budget: ByteBudget) -> IMemgine:
+    def _memory_graph(self, scope: MemoryScope, budget: ByteBudget) -> IMemgine:
+        """
+        A scope's graph: an ``IMemoryScope`` -> ``IMemgine`` adapter in this
+        daemon's registry (it may answer None to decline a scope), else
+        ``config.memgine_factory``, else the embedded engine.
+        """
+        graph = self.component(scope, IMemgine)
+        if graph is not None:
+            return graph
+        if self.config.memgine_factory is not None:
+            return self.config.memgine_factory(scope, budget)
         # Imported on first use: numpy and scipy are not loaded by a daemon that never remembers.
         from car_twisted.memory.graph import MemoryGraph
 

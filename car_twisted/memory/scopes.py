@@ -43,11 +43,12 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from car_twisted._util import off_reactor
 from car_twisted.auth import write_secret_file
 from car_twisted.budget import ByteBudget
-from car_twisted.interfaces import IMemgine
+from car_twisted.interfaces import IMemgine, IMemoryScope
 from car_twisted.json_value import JsonValue
 from car_twisted.private_files import FileTooLarge, UnsafeStateError, ensure_private_dir, read_private
 from car_twisted.rpc.envelope import dumps
@@ -79,6 +80,7 @@ def encode_namespace(namespace: str) -> str:
     return "".join(out)
 
 
+@implementer(IMemoryScope)
 @attrs.frozen
 class MemoryScope:
     """One graph: C{kind} is ``shared``, ``namespace`` or ``agent``; C{name} names it."""

@@ -168,12 +168,12 @@ def _confidence(raw: JsonValue, field: str = "confidence") -> float:
 
 
 @contextmanager
-def _refusal_is_invalid_params() -> Iterator[None]:
+def _refusal_is_invalid_params(field: str = "fact") -> Iterator[None]:
     """The engine refuses an argument with ValueError: that is the caller's params (-32602)."""
     try:
         yield
     except ValueError as e:
-        raise InvalidParams("fact", str(e)) from None
+        raise InvalidParams(field, str(e)) from None
 
 
 def _tags(raw: list[str] | None) -> tuple[str, ...]:
@@ -356,14 +356,19 @@ class MemoryMethods:
     def intervene(self, session: ClientSession, p: InterveneParams) -> JsonValue | Deferred[JsonValue]:
         if not 1 <= p.max_candidates <= 64:
             raise InvalidParams("max_candidates", "expected 1 to 64")
-        return self._on_graph(
-            session,
-            lambda g: proactive.intervene(g, p.query, list(p.recent or ()), dict(p.trigger or {}), p.force, p.max_candidates),
-            mutates=True,
-        )
+
+        def decide(graph: IMemgine) -> JsonValue:
+            with _refusal_is_invalid_params("trigger"):
+                return proactive.intervene(graph, p.query, list(p.recent or ()), dict(p.trigger or {}), p.force, p.max_candidates)
+
+        return self._on_graph(session, decide, mutates=True)
 
     def evaluate(self, session: ClientSession, p: EvaluateParams) -> JsonValue | Deferred[JsonValue]:
-        return self._on_graph(session, lambda g: proactive.evaluate(g, p.cases))
+        def measure(graph: IMemgine) -> JsonValue:
+            with _refusal_is_invalid_params("cases"):
+                return proactive.evaluate(graph, p.cases)
+
+        return self._on_graph(session, measure)
 
     def maintain(self, session: ClientSession, p: MaintainParams) -> Deferred[JsonValue]:
         if not 1 <= p.max_recent <= 256:
