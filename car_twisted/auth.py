@@ -6,6 +6,7 @@ primary-daemon lock.
 from __future__ import annotations
 
 import base64
+import contextlib
 import errno
 import fcntl
 import hmac
@@ -50,12 +51,18 @@ def write_secret_file(path: Path, content: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, content.encode() + b"\n")
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        try:
+            os.fchmod(fd, 0o600)
+            os.write(fd, content.encode() + b"\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        # No temp file left behind when the write or the rename fails.
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def remove_if_ours(path: Path, content: str) -> bool:

@@ -23,6 +23,9 @@ __all__ = ["memory_path", "MAX_PATH_CHARS", "MAX_NAME_CHARS"]
 
 MAX_PATH_CHARS = 1024
 MAX_NAME_CHARS = 255
+#: Where the scopes keep their graphs (``car_twisted.memory.scopes``): out of reach of persist/load.
+RESERVED_DIRS = frozenset({"agents", "memory-namespaces"})
+RESERVED_FILE = "shared.json"
 
 
 def _rejected(method: str, path: str, why: str) -> RpcError:
@@ -62,6 +65,10 @@ def memory_path(base: Path, raw: str, method: str, create_dirs: bool) -> Path:
         relative = Path(pure)
     if not relative.parts or relative.name in ("", "."):
         raise _rejected(method, raw, "names a directory, not a file")
+    parts = [part for part in relative.parts if part != "."]
+    if parts and (parts[0] in RESERVED_DIRS or (len(parts) == 1 and parts[0].startswith(RESERVED_FILE))):
+        # The scope graphs' own files: persist/load must not reach another scope's graph.
+        raise _rejected(method, raw, "names the daemon's own memory graph files")
     # Walk the directories one by one: none may be a symlink (a symlinked
     # directory could lead anywhere), each must stay inside the base.
     directory = real_base
@@ -80,6 +87,8 @@ def memory_path(base: Path, raw: str, method: str, create_dirs: bool) -> Path:
     target = directory / relative.name
     if os.path.islink(target):
         raise _rejected(method, raw, "the file is a symbolic link")
+    if os.path.isdir(target):
+        raise _rejected(method, raw, "names a directory, not a file")
     if Path(os.path.realpath(target.parent)) != directory:
         raise _rejected(method, raw, "resolves outside the memory directory")
     return target

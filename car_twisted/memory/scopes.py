@@ -33,6 +33,7 @@ graph with nothing left to write is let go (it loads again on next use).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Callable
@@ -72,6 +73,21 @@ MAX_GRAPH_FILE_BYTES = 1024 * 1024 * 1024
 _PLAIN = frozenset(b"abcdefghijklmnopqrstuvwxyz0123456789-_.")
 
 
+MAX_STEM_CHARS = 200
+
+
+def _file_stem(name: str) -> str:
+    """
+    The encoded name, or for one too long for a file name its first part,
+    ``~`` and the SHA-256 of the name (``~`` is always encoded otherwise,
+    so a shortened stem never equals a whole one).
+    """
+    stem = encode_namespace(name)
+    if len(stem) <= MAX_STEM_CHARS:
+        return stem
+    return f"{stem[:120]}~{hashlib.sha256(name.encode()).hexdigest()}"
+
+
 def encode_namespace(namespace: str) -> str:
     """The file stem of a namespace: lowercase percent-encoding of its UTF-8 bytes."""
     out = []
@@ -90,9 +106,9 @@ class MemoryScope:
 
     def relative_path(self) -> Path:
         if self.kind == "namespace":
-            return Path("memory-namespaces") / f"{encode_namespace(self.name)}.json"
+            return Path("memory-namespaces") / f"{_file_stem(self.name)}.json"
         if self.kind == "agent":
-            return Path("agents") / f"{encode_namespace(self.name)}.json"
+            return Path("agents") / f"{_file_stem(self.name)}.json"
         return Path("shared.json")
 
     def describe(self) -> str:
