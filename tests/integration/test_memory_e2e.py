@@ -14,7 +14,6 @@ import os
 import stat
 from pathlib import Path
 
-import pytest
 import pytest_twisted
 from zope.interface import implementer
 
@@ -386,7 +385,6 @@ async def test_bad_params_are_refused_and_the_daemon_keeps_serving(reactor, tmp_
 # -- daemon defects found by this suite (strict: these start passing when fixed) ---------
 
 
-@pytest.mark.xfail(strict=True, reason="memory.load / memory.persist reach other scopes' files under $CAR_HOME/memory")
 @pytest_twisted.ensureDeferred
 async def test_persist_and_load_cannot_reach_another_scopes_file(reactor, tmp_path):
     mem = memory_dir(tmp_path)
@@ -406,7 +404,6 @@ async def test_persist_and_load_cannot_reach_another_scopes_file(reactor, tmp_pa
         await server.stop()
 
 
-@pytest.mark.xfail(strict=True, reason="a namespace session.auth accepts (256 chars) names a graph file too long to write")
 @pytest_twisted.ensureDeferred
 async def test_longest_namespace_is_kept_or_refused(reactor, tmp_path):
     namespace = "a" * 256
@@ -428,7 +425,6 @@ async def test_longest_namespace_is_kept_or_refused(reactor, tmp_path):
         await server.stop()
 
 
-@pytest.mark.xfail(strict=True, reason="a path naming a directory is an internal error, and persist leaves its temp file behind")
 @pytest_twisted.ensureDeferred
 async def test_a_directory_path_is_refused_cleanly(reactor, tmp_path):
     mem = memory_dir(tmp_path)
