@@ -27,7 +27,7 @@ from zope.interface import implementer
 
 from car_twisted._util import off_reactor
 from car_twisted.auth import write_secret_file
-from car_twisted.errors import InvalidParams, RpcError
+from car_twisted.errors import INVALID_PARAMS, InvalidParams, RpcError
 from car_twisted.interfaces import IMemgine, IMethodProvider, ISessionFeature
 from car_twisted.json_value import JsonValue
 from car_twisted.memory import proactive
@@ -182,6 +182,11 @@ def _tags(raw: list[str] | None) -> tuple[str, ...]:
         if not tag or len(tag) > 256:
             raise InvalidParams(f"tags[{i}]", "expected a non-empty string of at most 256 characters")
     return tags
+
+
+def _bad_file(message: str) -> RpcError:
+    """A memory.load file that is missing or not a graph: the caller's path (-32602)."""
+    return RpcError(message, data={"field": "path"}, code=INVALID_PARAMS)
 
 
 @implementer(IMethodProvider)
@@ -422,13 +427,13 @@ class MemoryMethods:
                 try:
                     raw = read_private(target, MAX_LOAD_BYTES)
                 except FileNotFoundError:
-                    raise RpcError(f"memory.load: no such file {p.path!r} under the memory directory") from None
+                    raise _bad_file(f"memory.load: no such file {p.path!r} under the memory directory") from None
                 except FileTooLarge:
-                    raise RpcError(f"memory.load: the file is larger than {MAX_LOAD_BYTES} bytes") from None
+                    raise _bad_file(f"memory.load: the file is larger than {MAX_LOAD_BYTES} bytes") from None
                 try:
                     return json.loads(raw)  # type: ignore[no-any-return]
                 except ValueError as e:
-                    raise RpcError(f"memory.load: not a memory file ({e})") from None
+                    raise _bad_file(f"memory.load: not a memory file ({e})") from None
 
             snapshot = await off_reactor(self.state.clock, read)
             await self.scopes.graph(scope)  # loaded, so it can be replaced
@@ -437,7 +442,7 @@ class MemoryMethods:
                 # changes nothing when the file is not a graph.
                 count = self.scopes.replace(scope, lambda g: int(g.restore(snapshot)))
             except ValueError as e:
-                raise RpcError(f"memory.load: not a memory file ({e})") from None
+                raise _bad_file(f"memory.load: not a memory file ({e})") from None
             return count
 
         return ensureDeferred(go())
