@@ -8,7 +8,7 @@ adapter registry (see ``car_twisted.adapters``).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING
 
 from zope.interface import Attribute, Interface
@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from car_twisted.rpc.registry import MethodSpec
     from car_twisted.runs.model import RunRecord, StoredRun
     from car_twisted.session import ClientSession
+    from car_twisted.voice.model import Segment, TranscriptUpdate, VoiceEvent
 
 __all__ = [
     "IAgentIdentities",
@@ -29,6 +30,11 @@ __all__ = [
     "IClientSession",
     "IMemgine",
     "IMemoryScope",
+    "IMemgineIngestSink",
+    "IRecognition",
+    "ISpeaker",
+    "ITranscriber",
+    "IVoiceEventSink",
     "IMethodProvider",
     "IRunStore",
     "ISessionFeature",
@@ -328,3 +334,87 @@ class IMemgine(Interface):
     def record_outcome(fact_id: str, success: bool) -> Fact | None:
         """Credit (or debit) a fact's utility posterior; @return: the fact, or None."""
 
+
+
+class IVoiceEventSink(Interface):
+    """
+    Where a voice stream's events go, in order: to one client as
+    ``voice.event`` notifications (and binary frames for speech where the
+    stream asked), or through a wrapping sink first.  Found by adapting the
+    session through the daemon's registry, so an embedder may bring its own.
+    """
+
+    def send(event: VoiceEvent) -> None:
+        """Accept one event; never raises for a client that has gone."""
+
+
+class IMemgineIngestSink(IVoiceEventSink):
+    """
+    A voice sink that writes final transcript segments into a memory graph
+    (Conversation facts) and forwards every event, unchanged and in order,
+    to the sink it wraps.  A multi-adapter of (``IVoiceEventSink``,
+    ``IMemgine``) in the daemon's registry.
+    """
+
+    upstream = Attribute("The IVoiceEventSink every event is forwarded to.")
+    graph = Attribute("The IMemgine final segments are written into.")
+    on_ingest = Attribute(
+        "Called with each Fact written (the daemon schedules the graph's write-back); a no-op by default."
+    )
+
+
+class IRecognition(Interface):
+    """
+    One stream's recognizer state.  Its methods block (they run the
+    recognizer) and are only called from a worker thread, one call at a
+    time per stream, never from the reactor thread.
+    """
+
+    def accept(pcm: bytes) -> TranscriptUpdate:
+        """Feed 16-bit signed little-endian PCM at the declared rate and channels."""
+
+    def finish() -> tuple[Segment, ...]:
+        """End of audio: every segment not yet reported, oldest first."""
+
+    def close() -> None:
+        """Free the recognizer (after finish, or when the stream is dropped)."""
+
+
+class ITranscriber(Interface):
+    """A speech-to-text provider (``voice.providers.list`` kind ``stt``)."""
+
+    name = Attribute("The provider id, e.g. ``pocketsphinx``.")
+    description = Attribute("One line for ``voice.providers.list``.")
+
+    def unavailable() -> str | None:
+        """None when it can run here, else why not (e.g. the extra to install)."""
+
+    def open(sample_rate: int, channels: int) -> IRecognition:
+        """
+        A recognizer for one stream (blocking: called from a worker thread).
+
+        @raise car_twisted.voice.model.VoiceUnavailable: it cannot run here.
+        @raise ValueError: a rate or channel count it cannot take.
+        """
+
+
+class ISpeaker(Interface):
+    """A text-to-speech provider (``voice.providers.list`` kind ``tts``)."""
+
+    name = Attribute("The provider id, e.g. ``espeak-ng``.")
+    description = Attribute("One line for ``voice.providers.list``.")
+    audio_format = Attribute("The format of its chunks: ``wav``, ``mp3`` or ``pcm``.")
+
+    def unavailable() -> str | None:
+        """None when it can run here, else why not."""
+
+    def speak(text: str, voice: str | None, on_chunk: Callable[[bytes], None]) -> Deferred[None]:
+        """
+        Synthesize C{text}, calling C{on_chunk} on the reactor thread with
+        each piece of audio as it is produced (their concatenation is one
+        file of C{audio_format}).
+
+        @return: a Deferred firing when synthesis is complete, failing if
+            it failed; cancelling it stops the synthesis (its process is
+            killed) and no chunk follows.
+        """

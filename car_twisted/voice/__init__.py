@@ -1,0 +1,1 @@
+"""Voice: streaming transcription, speech out, meetings and the voice sinks."""
