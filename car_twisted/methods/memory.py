@@ -10,7 +10,7 @@ an array.  A call on a graph not yet loaded waits for the load (off the
 reactor thread); after that every call answers at once, and changes are
 written back in the background.  ``memory.persist`` / ``memory.load``
 paths are sandboxed under ``$CAR_HOME/memory/``
-(``car_twisted.memory.sandbox``).
+(``car_twisted.sandbox``).
 """
 
 from __future__ import annotations
@@ -31,12 +31,12 @@ from car_twisted.errors import INVALID_PARAMS, InvalidParams, RpcError
 from car_twisted.interfaces import IMemgine, IMethodProvider, ISessionFeature
 from car_twisted.json_value import JsonValue
 from car_twisted.memory import proactive
-from car_twisted.memory.sandbox import memory_path
 from car_twisted.memory.scopes import MemoryScope, MemoryScopes, scope_of
 from car_twisted.private_files import FileTooLarge, read_private
 from car_twisted.rpc.envelope import dumps
 from car_twisted.rpc.registry import MethodSpec
 from car_twisted.runtime import runtime_of
+from car_twisted.sandbox import memory_path
 from car_twisted.session import ClientSession
 
 if TYPE_CHECKING:

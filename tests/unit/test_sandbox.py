@@ -9,7 +9,7 @@ import os
 import pytest
 
 from car_twisted.errors import RpcError
-from car_twisted.memory.sandbox import memory_path
+from car_twisted.sandbox import memory_path
 from car_twisted.memory.scopes import MemoryScope, encode_namespace, scope_of
 
 
