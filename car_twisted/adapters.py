@@ -15,7 +15,17 @@ from typing import TYPE_CHECKING
 
 from zope.interface.adapter import AdapterRegistry
 
-from car_twisted.interfaces import IClientSession, IToolExecutor, IWsSink
+from car_twisted.interfaces import (
+    IBinaryReceiver,
+    IClientSession,
+    IMemgine,
+    IMemgineIngestSink,
+    IToolExecutor,
+    IVoiceEventSink,
+    IWsSink,
+)
+from car_twisted.voice.hub import voice_binary_receiver
+from car_twisted.voice.sinks import WsMemgineIngestSink, WsVoiceEventSink
 from car_twisted.ws.tool_executor import session_tool_executor
 
 if TYPE_CHECKING:
@@ -38,6 +48,10 @@ def default_registry(extra: Iterable[AdapterRegistration] = ()) -> AdapterRegist
     registry = AdapterRegistry()
     registry.register([IClientSession], IWsSink, "", session_sink)
     registry.register([IClientSession], IToolExecutor, "", session_tool_executor)
+    registry.register([IClientSession], IVoiceEventSink, "", WsVoiceEventSink)
+    registry.register([IClientSession], IBinaryReceiver, "", voice_binary_receiver)
+    registry.register([IVoiceEventSink, IMemgine], IMemgineIngestSink, "", WsMemgineIngestSink)
     for reg in extra:
-        registry.register([reg.required], reg.provided, reg.name, reg.factory)
+        required = list(reg.required) if isinstance(reg.required, tuple) else [reg.required]
+        registry.register(required, reg.provided, reg.name, reg.factory)
     return registry

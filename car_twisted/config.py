@@ -18,7 +18,7 @@ from zope.interface.verify import verifyObject
 
 from car_twisted.agents.manifest import DEFAULT_STOP_GRACE_SECS
 from car_twisted.host.gate import ApprovalGate
-from car_twisted.interfaces import IAgentIdentities, IMethodProvider, IRunStore
+from car_twisted.interfaces import IAgentIdentities, IMethodProvider, IRunStore, ISpeaker, ITranscriber
 from car_twisted.memory.scopes import GraphFactory
 from car_twisted.paths import CarPaths, ConfigError
 from car_twisted.rpc.registry import MethodSpec, method_specs
@@ -82,7 +82,9 @@ class AdapterRegistration:
     C{provided} for objects providing C{required}.
     """
 
-    required: type[Interface]
+    #: One interface, or several for a multi-adapter (the ingest sink's is
+    #: ``(IVoiceEventSink, IMemgine)``).
+    required: type[Interface] | tuple[type[Interface], ...]
     provided: type[Interface]
     # Takes an object providing ``required``: a type named at run time.
     factory: Callable[[Any], object]
@@ -139,6 +141,8 @@ LIMITS = (
     "memory_fact_limit",
     "memory_graph_max_bytes",
     "memory_max_bytes",
+    "max_voice_streams",
+    "voice_workers",
 )
 # Limits where 0 means "off" rather than "nothing allowed".
 _ZERO_IS_OFF = frozenset({"idle_timeout", "ping_interval"})
@@ -231,6 +235,10 @@ class ServerStateConfig:
     @ivar memory_fact_limit: facts one memory graph may hold.
     @ivar memory_graph_max_bytes / memory_max_bytes: bytes of facts one
         graph, and all loaded graphs together, may hold.
+    @ivar transcribers / speakers: the speech providers (``ITranscriber``,
+        ``ISpeaker``); None: the offline ones (pocketsphinx, espeak-ng).
+    @ivar max_voice_streams: live transcription and speech streams in all.
+    @ivar voice_workers: recognizer calls running at once (threads).
     @ivar approval_gate: which calls wait for a person's approval
         (``twist car --no-approvals`` / ``CAR_NO_APPROVALS=1`` turn it off).
     """
@@ -282,6 +290,10 @@ class ServerStateConfig:
     memory_fact_limit: int = 100_000
     memory_graph_max_bytes: int = 256 * 1024 * 1024
     memory_max_bytes: int = 1024 * 1024 * 1024
+    transcribers: tuple[ITranscriber, ...] | None = None
+    speakers: tuple[ISpeaker, ...] | None = None
+    max_voice_streams: int = 16
+    voice_workers: int = 2
 
     @classmethod
     def from_environ(

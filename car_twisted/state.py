@@ -32,6 +32,7 @@ from car_twisted.rpc.registry import Handler, MethodRegistry, MethodSpec
 from car_twisted.runs.registry import RunRegistry
 from car_twisted.runs.store import JsonlRunStore
 from car_twisted.session import ClientSession
+from car_twisted.voice.hub import VoiceHub
 from car_twisted.ws.channel import WsChannel
 
 if TYPE_CHECKING:
@@ -51,6 +52,7 @@ def _builtin_providers(state: ServerState) -> Iterable[IMethodProvider]:
     from car_twisted.methods.chat import ChatMethods
     from car_twisted.methods.host import HostMethods
     from car_twisted.methods.keyvalue import KeyValueMethods
+    from car_twisted.methods.meeting import MeetingMethods
     from car_twisted.methods.memory import MemoryMethods
     from car_twisted.methods.policy import PolicyMethods
     from car_twisted.methods.proposal import ProposalMethods
@@ -59,7 +61,9 @@ def _builtin_providers(state: ServerState) -> Iterable[IMethodProvider]:
     from car_twisted.methods.server import ServerMethods
     from car_twisted.methods.session import SessionMethods
     from car_twisted.methods.tools import ToolMethods
+    from car_twisted.methods.voice import VoiceMethods
 
+    voice = VoiceMethods(state)
     return (
         SessionMethods(state),
         ServerMethods(state),
@@ -73,6 +77,8 @@ def _builtin_providers(state: ServerState) -> Iterable[IMethodProvider]:
         HostMethods(state),
         ChatMethods(state),
         MemoryMethods(state),
+        voice,
+        MeetingMethods(state, voice),
     )
 
 
@@ -115,6 +121,7 @@ class ServerState:
             graph_bytes=config.memory_graph_max_bytes,
             total_bytes=config.memory_max_bytes,
         )
+        self.voice = VoiceHub(self)
         self.sessions: dict[str, ClientSession] = {}
         # Every connection's state.* bytes together.
         self.state_budget = ByteBudget("daemon state", config.max_state_bytes_total)
@@ -205,6 +212,11 @@ class ServerState:
             return obj  # type: ignore[return-value]  # it provides iface
         # zope copies its lookup methods onto the registry at run time.
         adapted: I | None = self.components.queryAdapter(obj, iface, "", default)  # type: ignore[attr-defined]
+        return adapted
+
+    def multi_component(self, objects: tuple[object, ...], iface: type[I]) -> I | None:
+        """The C{iface} multi-adapter of C{objects} in this daemon's registry, or None."""
+        adapted: I | None = self.components.queryMultiAdapter(objects, iface, "", None)  # type: ignore[attr-defined]
         return adapted
 
     # -- sessions ----------------------------------------------------------

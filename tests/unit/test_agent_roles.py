@@ -248,19 +248,19 @@ def test_install_checks_the_daemon_version(host, requirement, ok):
 
 
 def test_install_checks_capabilities(host):
-    missing = install(host, agent={"id": "c"}, transport={"kind": "pure_data"}, capabilities={"required": {"voice": ["stt"]}})
+    missing = install(host, agent={"id": "c"}, transport={"kind": "pure_data"}, capabilities={"required": {"browser": ["run"]}})
     assert missing["error"]["code"] == -32602
-    assert missing["error"]["data"]["field"] == "capabilities.required.voice"
-    assert "voice" in missing["error"]["message"]
+    assert missing["error"]["data"]["field"] == "capabilities.required.browser"
+    assert "browser" in missing["error"]["message"]
     result = host.result(
         "agents.install",
         {
             "agent": {"id": "c"},
             "transport": {"kind": "pure_data"},
-            "capabilities": {"required": {"agents": ["list"], "state": []}, "optional": {"voice": ["stt", "tts"], "runs": ["trace"]}},
+            "capabilities": {"required": {"agents": ["list"], "state": []}, "optional": {"browser": ["run", "close"], "runs": ["trace"]}},
         },
     )
     assert result["report"]["missingOptional"] == [
-        {"namespace": "voice", "feature": "stt"},
-        {"namespace": "voice", "feature": "tts"},
+        {"namespace": "browser", "feature": "run"},
+        {"namespace": "browser", "feature": "close"},
     ]

@@ -274,14 +274,13 @@ def test_binary_frame_before_auth_is_refused(tmp_path, clock):
     assert clock.getDelayedCalls() == []
 
 
-def test_binary_frame_without_receiver_is_refused_not_fatal(tmp_path, clock):
-    """After auth, a binary frame with no receiver gets the "binary frame refused" error with id null; the connection stays."""
+def test_binary_frame_that_is_not_a_voice_frame_is_refused_not_fatal(tmp_path, clock):
+    """After auth, a binary frame that is no CAR voice frame gets a "binary frame refused" error with id null; the connection stays."""
     conn = authed(factory_for(tmp_path, clock))
     conn.feed(client_frame(b"\x00\xff" * 50, opcode=BINARY))
     reply = conn.messages()[-1]
-    assert reply["id"] is None and reply["error"]["code"] == -32600
+    assert reply["id"] is None and reply["error"]["code"] == -32602
     assert reply["error"]["message"].startswith("binary frame refused")
-    assert reply["error"]["data"] == {"bytes": 100}
     assert conn.close_code() is None and not conn.dropped
     assert call(conn, "state.exists", {"key": "k"}, rid=8)["result"] is False
     assert clock.getDelayedCalls() == []
