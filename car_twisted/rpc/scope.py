@@ -29,6 +29,14 @@ _EXACT = {
     "goal.suggest": "suggesting a goal needs model inference, which is out of this daemon's scope",
     "memory.admission_table": "the memory admission table is not implemented by this daemon",
     "memory.set_admission_table": "the memory admission table is not implemented by this daemon",
+    "voice.prepare_parakeet": "downloading speech models is out of this daemon's scope (it recognizes offline with pocketsphinx)",
+    "voice.prepare_diarizer": "speaker diarization is not implemented by this daemon",
+    "voice.enroll_speaker": "speaker enrollment is not implemented by this daemon",
+    "voice.list_enrollments": "speaker enrollment is not implemented by this daemon",
+    "voice.remove_enrollment": "speaker enrollment is not implemented by this daemon",
+    "voice.dispatch_turn": _INFERENCE,
+    "voice.cancel_turn": _INFERENCE,
+    "voice.prewarm_turn": _INFERENCE,
 }
 
 _PREFIXES = (
