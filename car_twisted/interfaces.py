@@ -8,7 +8,7 @@ adapter registry (see ``car_twisted.adapters``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
 from zope.interface import Attribute, Interface
@@ -30,6 +30,7 @@ __all__ = [
     "IClientSession",
     "IMemgine",
     "IMemoryScope",
+    "IJournaledMemgine",
     "IMemgineIngestSink",
     "IRecognition",
     "ISpeaker",
@@ -334,6 +335,25 @@ class IMemgine(Interface):
     def record_outcome(fact_id: str, success: bool) -> Fact | None:
         """Credit (or debit) a fact's utility posterior; @return: the fact, or None."""
 
+
+
+class IJournaledMemgine(IMemgine):
+    """
+    A memory graph that says what changed, so persistence appends a
+    journal instead of rewriting the whole graph after every change.
+    """
+
+    def drain_changes() -> list[dict[str, JsonValue]]:
+        """The changes since the last drain, as journal entries (O(changes))."""
+
+    def mark_saved() -> None:
+        """Forget the changes so far: they are on disk."""
+
+    def replay(entries: Iterable[object]) -> int:
+        """Apply journal entries in order; @return: how many were malformed and skipped."""
+
+    def snapshot_chunks(size: int = 2048) -> tuple[dict[str, JsonValue], Iterator[list[JsonValue]]]:
+        """A snapshot's header and its fact records, built lazily chunk by chunk."""
 
 
 class IVoiceEventSink(Interface):

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 import secrets
-from collections.abc import Container, Iterable, Mapping, Sequence
+from collections.abc import Container, Iterable, Iterator, Mapping, Sequence
 from itertools import islice
 
 import attrs
@@ -38,7 +38,7 @@ from twisted.internet.interfaces import IReactorTime
 from zope.interface import implementer
 
 from car_twisted.budget import ByteBudget
-from car_twisted.interfaces import IMemgine
+from car_twisted.interfaces import IJournaledMemgine
 from car_twisted.json_value import JsonValue
 from car_twisted.memory.context import MAX_ITEMS_PER_SECTION, Section, assemble
 from car_twisted.memory.index import TermIndex
@@ -83,7 +83,7 @@ def _clamp(value: float, high: float) -> float:
     return min(max(value, 0.0), high)
 
 
-@implementer(IMemgine)
+@implementer(IJournaledMemgine)
 class MemoryGraph:
     """One memory graph; see the module docstring."""
 
@@ -96,6 +96,10 @@ class MemoryGraph:
         self.generation = 0
         self._utility_weight = 0.0
         self._utility_exploration = DEFAULT_EXPLORATION
+        # What changed since the last drain_changes (the journal's next lines).
+        self._dirty: dict[str, None] = {}
+        self._utility_dirty = False
+        self._rewrite = False
         self._reset()
 
     def _reset(self) -> None:
@@ -278,6 +282,7 @@ class MemoryGraph:
             self._next_seq += 1
         # Assigning an existing key keeps its place in insertion order.
         self._facts[fact.id] = fact
+        self._dirty[fact.id] = None
         if fact.valid:
             self._index.add(fact.id, terms, self._seq[fact.id], fact.successes, fact.failures)
             self._by_kind.setdefault(fact.kind, {})[fact.id] = None
@@ -299,6 +304,7 @@ class MemoryGraph:
             self._unlink(fact)
             del self._seq[fact_id]
             self.budget.release(self._sizes.pop(fact_id, 0))
+            self._dirty[fact_id] = None
         return fact
 
     def _supersede(self, fact: Fact, now: float) -> None:
@@ -306,6 +312,7 @@ class MemoryGraph:
         fact.status = "superseded"
         fact.updated_at = now
         self._superseded[fact.id] = None
+        self._dirty[fact.id] = None
 
     def _apply_supersedes(self, fact: Fact, now: float) -> None:
         for target_id in supersedes_ids(fact.metadata):
@@ -324,6 +331,7 @@ class MemoryGraph:
         fact = self._facts.get(fact_id)
         if fact is not None:
             fact.uses += 1
+            self._dirty[fact.id] = None
             self.generation += 1
         return fact
 
@@ -338,6 +346,7 @@ class MemoryGraph:
             fact.failures += 1
         fact.updated_at = self._clock.seconds()
         self._index.set_outcome(fact.id, fact.successes, fact.failures)
+        self._dirty[fact.id] = None
         self.generation += 1
         return fact
 
@@ -352,6 +361,7 @@ class MemoryGraph:
         if exploration is not None:
             self._utility_exploration = _clamp(float(exploration), MAX_EXPLORATION)
         if self.utility() != before:
+            self._utility_dirty = True
             self.generation += 1
         return self.utility()
 
@@ -459,5 +469,98 @@ class MemoryGraph:
             weight, exploration = utility
             self._utility_weight = _clamp(weight, 1.0) if weight is not None else self._utility_weight
             self._utility_exploration = _clamp(exploration, MAX_EXPLORATION) if exploration is not None else self._utility_exploration
+        # A whole-graph change: the journal starts again from a full copy.
+        self._dirty.clear()
+        self._rewrite = True
         self.generation += 1
         return self._index.live
+
+    # -- the journal (IJournaledMemgine) ------------------------------------------------
+
+    def _utility_record(self) -> dict[str, JsonValue]:
+        return {"utility_weight": self._utility_weight, "utility_exploration": self._utility_exploration}
+
+    def drain_changes(self) -> list[dict[str, JsonValue]]:
+        """
+        What changed since the last drain, as journal entries: C{{"put":
+        record}} (the fact's whole state), C{{"del": id}}, C{{"utility":
+        {...}}}, or after a whole-graph change C{{"reset": true}} and every
+        fact.  O(changes), not O(graph).
+        """
+        entries: list[dict[str, JsonValue]] = []
+        if self._rewrite:
+            entries.append({"reset": True})
+            entries.extend({"put": fact.to_record()} for fact in self._facts.values())
+            entries.append({"utility": self._utility_record()})
+        else:
+            for fact_id in self._dirty:
+                fact = self._facts.get(fact_id)
+                entries.append({"put": fact.to_record()} if fact is not None else {"del": fact_id})
+            if self._utility_dirty:
+                entries.append({"utility": self._utility_record()})
+        self.mark_saved()
+        return entries
+
+    def mark_saved(self) -> None:
+        """Everything so far is on disk (just loaded, or drained)."""
+        self._dirty.clear()
+        self._utility_dirty = False
+        self._rewrite = False
+
+    def replay(self, entries: Iterable[object]) -> int:
+        """
+        Apply journal entries in order (loading): each C{put} sets a fact's
+        whole state, C{del} removes one, C{reset} empties the graph.
+
+        @return: how many entries were malformed and skipped.
+        @raise BudgetExceeded: the facts do not fit the byte budget.
+        """
+        skipped = 0
+        now = self._clock.seconds()
+        for entry in entries:
+            if not isinstance(entry, dict):
+                skipped += 1
+                continue
+            try:
+                if entry.get("reset") is True:
+                    for fact_id in list(self._facts):
+                        self._drop(fact_id)
+                elif "put" in entry:
+                    (spec,), _ = parse_snapshot([entry["put"]], 1)
+                    if spec.fact_id is None:
+                        raise ValueError("a journal record needs its id")
+                    fact = self._fact(spec, now, None)
+                    self._store(fact, fact_terms(fact.subject, fact.body, fact.tags))
+                elif isinstance(entry.get("del"), str):
+                    self._drop(str(entry["del"]))
+                elif isinstance(entry.get("utility"), dict):
+                    raw = entry["utility"]
+                    self.set_utility(_number(raw.get("utility_weight")), _number(raw.get("utility_exploration")))
+                else:
+                    skipped += 1
+            except ValueError:
+                skipped += 1
+        self.generation += 1
+        self.mark_saved()
+        return skipped
+
+    def snapshot_chunks(self, size: int = 2048) -> tuple[dict[str, JsonValue], Iterator[list[JsonValue]]]:
+        """
+        The snapshot's header (version, utility) and its fact records in
+        chunks, built lazily: a caller takes one chunk per reactor turn so a
+        large graph never holds the thread.  Facts changed or removed
+        meanwhile are in the journal that follows the snapshot.
+        """
+        header: dict[str, JsonValue] = {"version": SNAPSHOT_VERSION, "utility": self._utility_record()}
+        ids = list(self._facts)
+
+        def chunks() -> Iterator[list[JsonValue]]:
+            for start in range(0, len(ids), size):
+                batch = (self._facts.get(fact_id) for fact_id in ids[start : start + size])
+                yield [fact.to_record() for fact in batch if fact is not None]
+
+        return header, chunks()
+
+
+def _number(value: object) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None

@@ -40,18 +40,19 @@ from collections.abc import Callable
 from pathlib import Path
 
 import attrs
-from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from car_twisted._util import off_reactor
-from car_twisted.auth import write_secret_file
 from car_twisted.budget import ByteBudget
-from car_twisted.interfaces import IMemgine, IMemoryScope
+from car_twisted.interfaces import IJournaledMemgine, IMemgine, IMemoryScope
 from car_twisted.json_value import JsonValue
-from car_twisted.private_files import FileTooLarge, UnsafeStateError, ensure_private_dir, read_private
+from car_twisted.memory import journal
+from car_twisted.memory.writeback import GraphWriter, writer_for
+from car_twisted.private_files import UnsafeStateError, read_private
 from car_twisted.rpc.envelope import dumps
 
 __all__ = [
@@ -128,21 +129,28 @@ def scope_of(memory_namespace: str | None, agent_id: str | None) -> MemoryScope:
 
 
 class _Kept:
-    """One loaded graph and its write-back state."""
+    """One loaded graph, its budget, and how it is written back."""
 
-    def __init__(self, scope: MemoryScope, graph: IMemgine, path: Path, budget: ByteBudget) -> None:
+    def __init__(self, scope: MemoryScope, graph: IMemgine, budget: ByteBudget, writer: GraphWriter) -> None:
         self.scope = scope
         self.graph = graph
-        self.path = path
         self.budget = budget
-        self.saved_generation: int = graph.generation
-        self.timer: IDelayedCall | None = None
-        self.writing = False
+        self.writer = writer
 
     @property
     def idle(self) -> bool:
         """Nothing to write and nothing being written: it can be let go."""
-        return not self.writing and self.timer is None and self.graph.generation == self.saved_generation
+        return self.writer.idle
+
+
+@attrs.frozen
+class _OnDisk:
+    """What loading found: the snapshot (None: none or unreadable) and the journals after it."""
+
+    snapshot: JsonValue | None
+    snapshot_bytes: int
+    problem: str | None
+    journal: journal.JournalRead
 
 
 #: Makes one scope's graph; its facts should count against the budget given.
@@ -172,9 +180,8 @@ class MemoryScopes:
         # Least recently used first.
         self._kept: dict[MemoryScope, _Kept] = {}
         self._waiting: dict[MemoryScope, list[Deferred[IMemgine]]] = {}
-        # While the daemon stops: changes are written at once, and these fire when all are on disk.
+        # While the daemon stops: changes are written at once.
         self._flushing = False
-        self._flush_waiters: list[Deferred[None]] = []
 
     def __len__(self) -> int:
         return len(self._kept)
@@ -210,35 +217,64 @@ class MemoryScopes:
     def _load(self, scope: MemoryScope) -> Deferred[_Kept]:
         path = self.root / scope.relative_path()
 
-        def read() -> JsonValue | None:
+        def read() -> _OnDisk:
+            snapshot: JsonValue | None = None
+            size = 0
+            problem = None
             try:
                 raw = read_private(path, MAX_GRAPH_FILE_BYTES)
+                size = len(raw)
+                snapshot = json.loads(raw)
             except FileNotFoundError:
-                return None
-            return json.loads(raw)  # type: ignore[no-any-return]
+                pass
+            except UnsafeStateError:
+                raise  # someone else's file: the call fails, nothing is moved
+            except ValueError as e:
+                problem = str(e)
+            first = snapshot.get("journal", 0) if isinstance(snapshot, dict) else 0
+            first = first if isinstance(first, int) and not isinstance(first, bool) else 0
+            return _OnDisk(snapshot, size, problem, journal.read_journals(path, first))
 
-        def loaded(snapshot: JsonValue | None) -> _Kept:
+        def loaded(disk: _OnDisk) -> _Kept:
             budget, graph = self._make(scope)
-            if snapshot is not None:
-                try:
-                    graph.restore(snapshot)
-                except ValueError as e:
-                    self._set_aside(scope, path, str(e))
-                except BaseException:
-                    # Too big for its budget now, say: the file stays, the call fails.
-                    budget.release(budget.used)
-                    raise
-            return self._keep(scope, graph, path, budget)
+            problem = disk.problem
+            try:
+                if disk.snapshot is not None and problem is None:
+                    try:
+                        graph.restore(disk.snapshot)
+                    except ValueError as e:
+                        problem = str(e)
+                if problem is not None:
+                    self._set_aside(scope, path, problem)
+                entries = disk.journal.entries
+                if entries or disk.journal.torn:
+                    if IJournaledMemgine.providedBy(graph):
+                        skipped = graph.replay(entries)
+                        if skipped or disk.journal.bad_lines or disk.journal.torn:
+                            self._log.warn(
+                                "the {scope} memory journal: {skipped} entries skipped, {bad} unreadable lines, "
+                                "{torn} torn last lines (a crash mid-append)",
+                                scope=scope.describe(), skipped=skipped, bad=disk.journal.bad_lines, torn=disk.journal.torn,
+                            )
+                if IJournaledMemgine.providedBy(graph):
+                    graph.mark_saved()
+            except BaseException:
+                # Too big for its budget now, say: the files stay, the call fails.
+                budget.release(budget.used)
+                raise
+            journal_bytes = sum(len(dumps(entry)) + 1 for entry in entries) if entries else 0
+            writer = writer_for(
+                self.reactor, path, scope.describe(), graph, self.persist_delay,
+                next_journal=disk.journal.last + 1,
+                snapshot_bytes=disk.snapshot_bytes if problem is None else 0,
+                journal_bytes=journal_bytes,
+            )
+            if self._flushing:
+                writer.flush()
+            return self._keep(scope, graph, budget, writer)
 
-        def unreadable(failure: Failure) -> _Kept:
-            if failure.check(UnsafeStateError, FileTooLarge) or not failure.check(ValueError):
-                failure.raiseException()  # someone else's file, an I/O error: the call fails
-            self._set_aside(scope, path, failure.getErrorMessage())
-            budget, graph = self._make(scope)
-            return self._keep(scope, graph, path, budget)
-
-        d: Deferred[JsonValue | None] = off_reactor(self.reactor, read)
-        return d.addCallbacks(loaded, unreadable)
+        d: Deferred[_OnDisk] = off_reactor(self.reactor, read)
+        return d.addCallback(loaded)
 
     def _make(self, scope: MemoryScope) -> tuple[ByteBudget, IMemgine]:
         self._let_go()
@@ -250,8 +286,8 @@ class MemoryScopes:
             budget.release(budget.used)
             raise
 
-    def _keep(self, scope: MemoryScope, graph: IMemgine, path: Path, budget: ByteBudget) -> _Kept:
-        kept = _Kept(scope, graph, path, budget)
+    def _keep(self, scope: MemoryScope, graph: IMemgine, budget: ByteBudget, writer: GraphWriter) -> _Kept:
+        kept = _Kept(scope, graph, budget, writer)
         self._kept[scope] = kept
         return kept
 
@@ -288,43 +324,17 @@ class MemoryScopes:
 
     # -- writing back ----------------------------------------------------------------------
 
-    def changed(self, scope: MemoryScope) -> None:
-        """C{scope}'s graph changed: write it back soon (batched), or now while flushing."""
+    def changed(self, scope: MemoryScope, wait: bool = False) -> Deferred[None] | None:
+        """
+        C{scope}'s graph changed: write it back (``car_twisted.memory.writeback``).
+
+        @param wait: return a Deferred that fires once the change is on
+            disk (journaled engines; otherwise None: written soon).
+        """
         kept = self._kept.get(scope)
-        if kept is None or kept.graph.generation == kept.saved_generation:
-            return
-        if kept.writing:
-            return  # one write at a time per file; this change is picked up after it
-        if self._flushing:
-            self._write(kept)
-        elif kept.timer is None:
-            kept.timer = self.reactor.callLater(self.persist_delay, self._write, kept)
-
-    def _write(self, kept: _Kept) -> None:
-        kept.timer = None
-        if kept.writing:
-            return
-        generation = kept.graph.generation
-        body = dumps(kept.graph.snapshot())
-
-        def write() -> None:
-            ensure_private_dir(kept.path.parent)
-            write_secret_file(kept.path, body.decode())
-
-        def done(_: object) -> None:
-            kept.writing = False
-            kept.saved_generation = generation
-            self.changed(kept.scope)  # changed again meanwhile
-            self._check_flushed()
-
-        def failed(failure: Failure) -> None:
-            kept.writing = False
-            # Kept changed: the next change (or the flush at stop) tries again.
-            self._log.failure("writing the {scope} memory graph failed", failure=failure, scope=kept.scope.describe())
-            self._check_flushed()
-
-        kept.writing = True
-        off_reactor(self.reactor, write).addCallbacks(done, failed)
+        if kept is None:
+            return None
+        return kept.writer.changed(wait)
 
     def flush(self) -> Deferred[None]:
         """
@@ -333,24 +343,9 @@ class MemoryScopes:
         write that fails is logged, not retried.
         """
         self._flushing = True
-        for kept in list(self._kept.values()):
-            if kept.timer is not None:
-                if kept.timer.active():
-                    kept.timer.cancel()
-                kept.timer = None
-            if not kept.writing and kept.graph.generation != kept.saved_generation:
-                self._write(kept)
-        waiter: Deferred[None] = Deferred()
-        self._flush_waiters.append(waiter)
-        self._check_flushed()
-        return waiter
-
-    def _check_flushed(self) -> None:
-        if not self._flush_waiters or any(kept.writing for kept in self._kept.values()):
-            return
-        waiters, self._flush_waiters = self._flush_waiters, []
-        for waiter in waiters:
-            waiter.callback(None)
+        flushes = [kept.writer.flush() for kept in list(self._kept.values())]
+        done: Deferred[None] = DeferredList(flushes, consumeErrors=True).addCallback(lambda _: None)
+        return done
 
     def replace(self, scope: MemoryScope, graph_change: Callable[[IMemgine], int]) -> int:
         """Run a whole-graph change (``memory.load``) and schedule the write-back."""

@@ -234,13 +234,18 @@ class MemoryMethods:
         return scope_of(session.memory_namespace, session.agent_id)
 
     def _on_graph(self, session: ClientSession, work: Callable[[IMemgine], T], mutates: bool = False) -> T | Deferred[T]:
-        """Run C{work} on the session's graph: at once when loaded, else after the load."""
+        """
+        Run C{work} on the session's graph: at once when loaded, else after
+        the load.  A change is answered once it is on disk (the journal).
+        """
         scope = self._scope(session)
 
-        def run(graph: IMemgine) -> T:
+        def run(graph: IMemgine) -> T | Deferred[T]:
             result = work(graph)
             if mutates:
-                self.scopes.changed(scope)
+                saved = self.scopes.changed(scope, wait=True)
+                if saved is not None:
+                    return saved.addCallback(lambda _: result)
             return result
 
         graph = self.scopes.loaded(scope)

@@ -84,9 +84,28 @@ def facts_in(path):
 
 
 def written_with(path, count):
-    """C{path} holds a graph of C{count} facts (the write-back got there)."""
-    facts = facts_in(path)
-    return facts is not None and len(facts) == count
+    """
+    C{path} and its journals hold a graph of C{count} facts (the write-back
+    got there): the snapshot's facts, then each journal line replayed.
+    """
+    try:
+        snapshot = json.loads(path.read_text())
+    except (FileNotFoundError, ValueError):
+        return False
+    ids = {f["id"] for f in snapshot["facts"]}
+    journals = sorted(path.parent.glob(path.name + ".journal-*"), key=lambda p: int(p.name.rsplit("-", 1)[1]))
+    for journal in journals:
+        if int(journal.name.rsplit("-", 1)[1]) < snapshot.get("journal", 0):
+            continue
+        for line in journal.read_text().splitlines():
+            entry = json.loads(line)
+            if entry.get("reset"):
+                ids.clear()
+            elif "put" in entry:
+                ids.add(entry["put"]["id"])
+            elif "del" in entry:
+                ids.discard(entry["del"])
+    return len(ids) == count
 
 
 def mode(path):

@@ -18,6 +18,7 @@ from car_twisted.budget import BudgetExceeded, ByteBudget
 from car_twisted.config import AdapterRegistration
 from car_twisted.interfaces import IMemgine, IMemoryScope
 from car_twisted.memory import scopes as scopes_module
+from car_twisted.memory import writeback as writeback_module
 from car_twisted.memory.graph import MemoryGraph
 from car_twisted.memory.model import FACT_OVERHEAD_BYTES
 from car_twisted.memory.records import MAX_TAGS
@@ -84,8 +85,152 @@ def test_waiters_share_one_load(clock, root, monkeypatch):
     assert scopes.made == [NS]
 
 
-def test_changes_are_written_back_batched(clock, root):
-    scopes = make_scopes(clock, root, persist_delay=0.5)
+def settle(clock):
+    """Run the compaction's chunk steps (one per reactor turn) to the end."""
+    for _ in range(1000):
+        if not clock.getDelayedCalls():
+            return
+        clock.advance(0)
+    raise AssertionError("compaction did not finish")
+
+
+def reload(clock, root, scope):
+    return loaded(make_scopes(clock, root), scope)
+
+
+def test_a_change_is_journaled_before_it_is_acknowledged(clock, root):
+    """
+    The first change of a graph with no file compacts at once (the
+    snapshot appears); later ones are journal lines, O(change), on disk by
+    the time changed(wait=True) fires; a reload replays them.
+    """
+    scopes = make_scopes(clock, root)
+    graph = loaded(scopes, NS)
+    path = root / NS.relative_path()
+    graph.add("first", "the first fact", fact_id="f0")
+    done = []
+    scopes.changed(NS, wait=True).addCallback(done.append)
+    assert done == [None]
+    settle(clock)
+    assert [f["id"] for f in on_disk(root, NS)["facts"]] == ["f0"]
+    assert oct(os.stat(path).st_mode & 0o777) == "0o600"
+    for i in range(1, 50):
+        graph.add(f"s{i}", f"body {i}", fact_id=f"f{i}")
+        scopes.changed(NS, wait=True).addCallback(done.append)
+    graph.delete("f3")
+    scopes.changed(NS)
+    settle(clock)
+    assert len(done) == 50
+    assert len(on_disk(root, NS)["facts"]) == 1  # the snapshot was not rewritten ...
+    journal_file = path.with_name(path.name + ".journal-2")
+    lines = journal_file.read_text().splitlines()
+    assert len(lines) == 50 and json.loads(lines[-1]) == {"del": "f3"}  # ... each change is one line
+    assert oct(os.stat(journal_file).st_mode & 0o777) == "0o600"
+    again = reload(clock, root, NS)
+    assert again.count() == 49 and again.get("f3") is None and again.get("f49").body == "body 49"
+
+
+def test_a_torn_last_journal_line_is_skipped(clock, root):
+    scopes = make_scopes(clock, root)
+    graph = loaded(scopes, SHARED)
+    graph.add("a", "kept", fact_id="a")
+    scopes.changed(SHARED)
+    settle(clock)
+    graph.add("b", "also kept", fact_id="b")
+    scopes.changed(SHARED)
+    path = root / "shared.json"
+    (journal_file,) = path.parent.glob("shared.json.journal-*")
+    with open(journal_file, "ab") as f:
+        f.write(b'{"put": {"id": "c", "subj')  # the crash
+    scopes2 = make_scopes(clock, root)
+    again = loaded(scopes2, SHARED)
+    assert sorted(f.id for f in again.facts()) == ["a", "b"]
+    # Appends go to a fresh journal after a load, never after the torn line.
+    again.add("d", "after the crash", fact_id="d")
+    scopes2.changed(SHARED)
+    newest = max(path.parent.glob("shared.json.journal-*"), key=lambda p: int(p.name.rsplit("-", 1)[1]))
+    assert newest.name != journal_file.name and json.loads(newest.read_text())["put"]["id"] == "d"
+    assert sorted(f.id for f in reload(clock, root, SHARED).facts()) == ["a", "b", "d"]
+
+
+def test_compaction_folds_the_journal_into_a_new_snapshot(clock, root, monkeypatch):
+    monkeypatch.setattr(writeback_module, "COMPACT_MIN_BYTES", 2000)
+    scopes = make_scopes(clock, root)
+    graph = loaded(scopes, AGENT)
+    graph.add("seed", "seed", fact_id="seed")
+    scopes.changed(AGENT)
+    settle(clock)
+    for i in range(40):
+        graph.add(f"s{i}", "x" * 100, fact_id=f"f{i}")
+        scopes.changed(AGENT)
+        if i == 20:
+            # Mid-compaction changes land in the journal after the snapshot.
+            clock.advance(0)
+    settle(clock)
+    path = root / AGENT.relative_path()
+    snapshot = on_disk(root, AGENT)
+    journals_left = sorted(p.name for p in path.parent.glob(path.name + ".journal-*"))
+    assert all(int(name.rsplit("-", 1)[1]) >= snapshot["journal"] for name in journals_left)
+    again = reload(clock, root, AGENT)
+    assert again.count() == 41
+
+
+def test_flush_writes_at_once_and_waits_for_writes_in_flight(clock, root, monkeypatch):
+    """
+    An append already under way when the daemon stops, and a change made
+    during it, both reach the disk, and the graph is compacted, before
+    flush fires.
+    """
+    scopes = make_scopes(clock, root)
+    graph = loaded(scopes, SHARED)
+    graph.add("seed", "seed", fact_id="seed")
+    scopes.changed(SHARED)
+    settle(clock)
+    writes = []
+    real = writeback_module.off_reactor
+
+    def held(reactor, fn, *args):
+        d = Deferred()
+        writes.append((d, fn, args))
+        return d
+
+    monkeypatch.setattr(writeback_module, "off_reactor", held)
+    graph.add("a", "first", fact_id="a")
+    scopes.changed(SHARED)
+    assert len(writes) == 1  # the append starts and hangs
+    graph.add("b", "second", fact_id="b")  # changed while appending
+    scopes.changed(SHARED)
+    flushed = []
+    scopes.flush().addCallback(flushed.append)
+    assert len(writes) == 1 and flushed == []
+    monkeypatch.setattr(writeback_module, "off_reactor", real)
+    d, fn, args = writes.pop()
+    d.callback(fn(*args))  # the first append lands; the second goes, then the compaction
+    settle(clock)
+    assert flushed == [None]
+    assert sorted(f["id"] for f in on_disk(root, SHARED)["facts"]) == ["a", "b", "seed"]
+    assert list(root.glob("shared.json.journal-*")) == [] or all(
+        p.stat().st_size == 0 for p in root.glob("shared.json.journal-*"))
+
+
+@implementer(IMemgine)
+class PlainGraph:
+    """An engine with no journal: written back as whole snapshots."""
+
+    def __init__(self, clock):
+        self._inner = MemoryGraph(clock)
+        self.fact_limit = self._inner.fact_limit
+
+    @property
+    def generation(self):
+        return self._inner.generation
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+
+def test_an_engine_without_a_journal_is_written_whole_and_batched(clock, root):
+    scopes = MemoryScopes(clock, root, lambda scope, budget: PlainGraph(clock), persist_delay=0.5)
     graph = loaded(scopes, NS)
     path = root / NS.relative_path()
     for i in range(50):
@@ -95,54 +240,12 @@ def test_changes_are_written_back_batched(clock, root):
     assert len(clock.getDelayedCalls()) == 1  # one timer for the burst
     clock.advance(0.5)
     assert len(on_disk(root, NS)["facts"]) == 50
-    assert oct(os.stat(path).st_mode & 0o777) == "0o600"
     assert clock.getDelayedCalls() == []
-    scopes.changed(NS)  # nothing new: no write scheduled
-    assert clock.getDelayedCalls() == []
-
-
-def test_reload_from_disk(clock, root):
-    scopes = make_scopes(clock, root)
-    graph = loaded(scopes, AGENT)
-    graph.add("Alice", "Alice works at Acme", fact_id="f1")
-    scopes.changed(AGENT)
-    clock.advance(1)
-    again = loaded(make_scopes(clock, root), AGENT)
-    assert [f.id for f in again.facts()] == ["f1"]
-
-
-def test_flush_writes_at_once_and_waits_for_writes_in_flight(clock, root, monkeypatch):
-    """
-    A write already under way when the daemon stops, and a change made
-    during it, both reach the disk before flush fires.
-    """
-    scopes = make_scopes(clock, root, persist_delay=0.5)
-    graph = loaded(scopes, SHARED)
-    other = loaded(scopes, NS)
-    writes = []
-    monkeypatch.setattr(scopes_module, "off_reactor", lambda reactor, fn: writes.append(Deferred().addCallback(lambda _: fn())) or writes[-1])
-
-    graph.add("a", "first")
-    scopes.changed(SHARED)
-    clock.advance(0.5)  # the write starts and hangs
-    assert len(writes) == 1
-    graph.add("b", "second")  # changed while writing
-    scopes.changed(SHARED)
-    other.add("c", "third")
+    graph.add("late", "one more")
     scopes.changed(NS)
-
     flushed = []
     scopes.flush().addCallback(flushed.append)
-    assert len(writes) == 2  # NS written at once, no timer
-    assert clock.getDelayedCalls() == []
-    writes[1].callback(None)
-    assert flushed == []  # SHARED still writing
-    writes[0].callback(None)
-    assert len(writes) == 3 and flushed == []  # the change made while writing goes now
-    writes[2].callback(None)
-    assert flushed == [None]
-    assert sorted(f["subject"] for f in on_disk(root, SHARED)["facts"]) == ["a", "b"]
-    assert [f["subject"] for f in on_disk(root, NS)["facts"]] == ["c"]
+    assert flushed == [None] and len(on_disk(root, NS)["facts"]) == 51
 
 
 def test_flush_with_nothing_changed_fires_at_once(clock, root):
