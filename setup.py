@@ -42,6 +42,7 @@ setup(
         ],
         "interop": ["car-runtime==0.58.0"],
         "bench": ["websockets>=12,<18"],
+        "voice": ["pocketsphinx>=5.0,<6"],
     },
     classifiers=[
         "Framework :: Twisted",
