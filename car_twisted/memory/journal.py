@@ -23,7 +23,7 @@ from pathlib import Path
 from car_twisted.json_value import JsonValue
 from car_twisted.private_files import open_private, read_private
 
-__all__ = ["JournalRead", "append", "journal_path", "journals", "read_journals", "remove_before"]
+__all__ = ["JournalRead", "append", "journal_path", "journals", "open_for_append", "read_journals", "remove_before", "write_all"]
 
 MAX_JOURNAL_BYTES = 1024 * 1024 * 1024
 _MARK = ".journal-"
@@ -78,17 +78,31 @@ def read_journals(snapshot: Path, first: int) -> JournalRead:
     return out
 
 
-def append(path: Path, data: bytes, fsync: bool) -> None:
-    """Append C{data} (whole lines) to C{path}, 0600, not following symlinks."""
+def open_for_append(path: Path) -> int:
+    """A descriptor appending to C{path}, 0600, not following symlinks."""
     fd = open_private(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
     try:
         os.fchmod(fd, 0o600)
-        view = memoryview(data)
-        while view:
-            written = os.write(fd, view)
-            view = view[written:]
-        if fsync:
-            os.fsync(fd)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def write_all(fd: int, data: bytes, fsync: bool) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+    if fsync:
+        os.fsync(fd)
+
+
+def append(path: Path, data: bytes, fsync: bool) -> None:
+    """Append C{data} (whole lines) to C{path}, 0600, not following symlinks."""
+    fd = open_for_append(path)
+    try:
+        write_all(fd, data, fsync)
     finally:
         os.close(fd)
 

@@ -48,6 +48,7 @@ from zope.interface import implementer
 
 from car_twisted._util import off_reactor
 from car_twisted.budget import ByteBudget
+from car_twisted.errors import RpcError
 from car_twisted.interfaces import IJournaledMemgine, IMemgine, IMemoryScope
 from car_twisted.json_value import JsonValue
 from car_twisted.memory import journal
@@ -302,6 +303,7 @@ class MemoryScopes:
             if kept.idle:
                 del self._kept[scope]
                 kept.budget.release(kept.budget.used)
+                kept.writer.close()
                 excess -= 1
 
     def _set_aside(self, scope: MemoryScope, path: Path, why: str) -> None:
@@ -334,7 +336,13 @@ class MemoryScopes:
         kept = self._kept.get(scope)
         if kept is None:
             return None
-        return kept.writer.changed(wait)
+        if wait:
+            return kept.writer.changed(True)
+        try:
+            kept.writer.changed(False)
+        except RpcError:
+            pass  # logged by the writer; nobody is waiting for this change
+        return None
 
     def flush(self) -> Deferred[None]:
         """

@@ -20,6 +20,8 @@ they have, and fire its Deferred once everything is on disk.
 
 from __future__ import annotations
 
+import contextlib
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -41,11 +43,17 @@ __all__ = ["GraphWriter", "JournalWriter", "SnapshotWriter", "COMPACT_MIN_BYTES"
 
 #: A journal smaller than this is never compacted (unless there is no snapshot yet).
 COMPACT_MIN_BYTES = 4 * 1024 * 1024
+#: Changes up to this size are appended on the reactor thread (one write);
+#: larger ones (a whole-graph reset) go to a worker thread.
+SYNC_APPEND_MAX_BYTES = 256 * 1024
 _log = Logger()
 
 
 class GraphWriter:
     """What MemoryScopes asks of a writer."""
+
+    def close(self) -> None:
+        """The graph is let go: release what the writer holds open."""
 
     def __init__(self, reactor: IReactorTime, path: Path, describe: str) -> None:
         self.reactor = reactor
@@ -163,6 +171,8 @@ class JournalWriter(GraphWriter):
         self.appending = False
         self.compacting = False
         self._rewritten = False
+        self._fd: int | None = None
+        self._fd_journal = -1
         self._pending: list[bytes] = []
         self._waiters: list[Deferred[None]] = []
 
@@ -175,7 +185,15 @@ class JournalWriter(GraphWriter):
         if entries:
             if entries[0].get("reset") is True:
                 self._rewritten = True  # a whole-graph change: compact once it is journaled
-            self._pending.append(b"".join(dumps(entry) + b"\n" for entry in entries))
+            data = b"".join(dumps(entry) + b"\n" for entry in entries)
+            if len(data) <= SYNC_APPEND_MAX_BYTES and not self.appending and not self._pending:
+                # A small change is one write(2) to the open journal, here:
+                # bounded, no thread hop, no Deferred, and in the kernel
+                # before the change is answered.
+                self._append_now(data)
+                self._maybe_compact()
+                return None
+            self._pending.append(data)
         waiter: Deferred[None] | None = None
         if wait:
             waiter = Deferred()
@@ -185,6 +203,34 @@ class JournalWriter(GraphWriter):
                 self._waiters.append(waiter)
         self._kick()
         return waiter
+
+    def _append_now(self, data: bytes) -> None:
+        """
+        Append on the reactor thread.
+
+        @raise RpcError: the write failed (the change is made but not saved).
+        """
+        try:
+            if self._fd is None or self._fd_journal != self.journal:
+                self._close_fd()
+                ensure_private_dir(self.path.parent)
+                self._fd = journal.open_for_append(journal.journal_path(self.path, self.journal))
+                self._fd_journal = self.journal
+            journal.write_all(self._fd, data, self.fsync)
+        except OSError as e:
+            self._close_fd()
+            _log.failure("appending to the {scope} memory journal failed", scope=self.describe)
+            raise RpcError(f"the change was made but not saved: {e}"[:300]) from None
+        self.journal_bytes += len(data)
+
+    def _close_fd(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = None
+
+    def close(self) -> None:
+        self._close_fd()
 
     def _kick(self) -> None:
         if self.appending or not self._pending:
@@ -233,6 +279,7 @@ class JournalWriter(GraphWriter):
         header, chunks = self.graph.snapshot_chunks()
         first = self.journal + 1
         self.journal = first  # later changes go to the journal after the snapshot
+        self._close_fd()
         self.journal_bytes = 0
         records: list[JsonValue] = []
         self._step(chunks, records, header, first)

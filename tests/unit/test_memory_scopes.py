@@ -108,19 +108,18 @@ def test_a_change_is_journaled_before_it_is_acknowledged(clock, root):
     graph = loaded(scopes, NS)
     path = root / NS.relative_path()
     graph.add("first", "the first fact", fact_id="f0")
-    done = []
-    scopes.changed(NS, wait=True).addCallback(done.append)
-    assert done == [None]
+    assert scopes.changed(NS, wait=True) is None  # a small change is written before changed returns
+    journal_1 = path.with_name(path.name + ".journal-1")
+    assert json.loads(journal_1.read_text())["put"]["id"] == "f0"
     settle(clock)
     assert [f["id"] for f in on_disk(root, NS)["facts"]] == ["f0"]
     assert oct(os.stat(path).st_mode & 0o777) == "0o600"
     for i in range(1, 50):
         graph.add(f"s{i}", f"body {i}", fact_id=f"f{i}")
-        scopes.changed(NS, wait=True).addCallback(done.append)
+        assert scopes.changed(NS, wait=True) is None
     graph.delete("f3")
     scopes.changed(NS)
     settle(clock)
-    assert len(done) == 50
     assert len(on_disk(root, NS)["facts"]) == 1  # the snapshot was not rewritten ...
     journal_file = path.with_name(path.name + ".journal-2")
     lines = journal_file.read_text().splitlines()
@@ -175,42 +174,41 @@ def test_compaction_folds_the_journal_into_a_new_snapshot(clock, root, monkeypat
     assert again.count() == 41
 
 
-def test_flush_writes_at_once_and_waits_for_writes_in_flight(clock, root, monkeypatch):
+def test_flush_waits_for_a_compaction_and_changes_made_during_it(clock, root, monkeypatch):
     """
-    An append already under way when the daemon stops, and a change made
-    during it, both reach the disk, and the graph is compacted, before
-    flush fires.
+    A whole-graph load goes through a worker thread and is compacted; a
+    change made while that write hangs is appended to the next journal;
+    flush fires only when all of it is on disk, and a reload has it all.
     """
     scopes = make_scopes(clock, root)
     graph = loaded(scopes, SHARED)
     graph.add("seed", "seed", fact_id="seed")
     scopes.changed(SHARED)
     settle(clock)
-    writes = []
+    held = []
     real = writeback_module.off_reactor
 
-    def held(reactor, fn, *args):
+    def hold(reactor, fn, *args):
         d = Deferred()
-        writes.append((d, fn, args))
+        held.append((d, fn, args))
         return d
 
-    monkeypatch.setattr(writeback_module, "off_reactor", held)
-    graph.add("a", "first", fact_id="a")
-    scopes.changed(SHARED)
-    assert len(writes) == 1  # the append starts and hangs
-    graph.add("b", "second", fact_id="b")  # changed while appending
-    scopes.changed(SHARED)
+    monkeypatch.setattr(writeback_module, "off_reactor", hold)
+    monkeypatch.setattr(writeback_module, "SYNC_APPEND_MAX_BYTES", 100)  # a reset this big goes to a thread
+    graph.restore({"facts": [{"id": "a", "subject": "a", "body": "loaded"}, {"id": "b", "subject": "b", "body": "loaded"}]})
+    saved = scopes.changed(SHARED, wait=True)
+    assert saved is not None and not saved.called and len(held) == 1  # the reset's append hangs
+    graph.add("c", "made while it hangs", fact_id="c")
+    scopes.changed(SHARED)  # queued behind it, in order
     flushed = []
     scopes.flush().addCallback(flushed.append)
-    assert len(writes) == 1 and flushed == []
     monkeypatch.setattr(writeback_module, "off_reactor", real)
-    d, fn, args = writes.pop()
-    d.callback(fn(*args))  # the first append lands; the second goes, then the compaction
+    d, fn, args = held.pop()
+    d.callback(fn(*args))
     settle(clock)
-    assert flushed == [None]
-    assert sorted(f["id"] for f in on_disk(root, SHARED)["facts"]) == ["a", "b", "seed"]
-    assert list(root.glob("shared.json.journal-*")) == [] or all(
-        p.stat().st_size == 0 for p in root.glob("shared.json.journal-*"))
+    assert saved.called and flushed == [None]
+    assert sorted(f["id"] for f in on_disk(root, SHARED)["facts"]) == ["a", "b", "c"]
+    assert sorted(f.id for f in reload(clock, root, SHARED).facts()) == ["a", "b", "c"]
 
 
 @implementer(IMemgine)
