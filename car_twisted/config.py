@@ -292,7 +292,7 @@ class ServerStateConfig:
     memory_max_bytes: int = 1024 * 1024 * 1024
     transcribers: tuple[ITranscriber, ...] | None = None
     speakers: tuple[ISpeaker, ...] | None = None
-    max_voice_streams: int = 16
+    max_voice_streams: int = 8
     voice_workers: int = 2
 
     @classmethod
