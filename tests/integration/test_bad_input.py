@@ -229,11 +229,12 @@ async def test_garbage_text_frames(reactor, tmp_path, kind):
             reply = await within(reactor, frame)
             assert type(reply) is dict and reply.get("jsonrpc") == "2.0", (payload, reply)
             assert reply["error"]["code"] == code, (payload, reply)
-        # A binary frame with no stream open is refused, not fatal.
+        # A binary frame that is no voice frame (and no stream is open) is refused, not fatal.
         frame = client.next_frame()
         client.send_raw(b"\x00\xff" * 100, binary=True)
         reply = await within(reactor, frame)
-        assert reply["error"]["code"] == INVALID_REQUEST
+        assert reply["id"] is None and reply["error"]["code"] == -32602
+        assert reply["error"]["message"].startswith("binary frame refused")
         # Still open, still answering, nothing left over.
         assert client.close_code is None
         before = len(client.received)

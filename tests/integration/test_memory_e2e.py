@@ -108,6 +108,15 @@ def written_with(path, count):
     return len(ids) == count
 
 
+def compacted(path):
+    """The snapshot names its journal and the older journals are gone (a compaction finished)."""
+    try:
+        first = json.loads(path.read_text()).get("journal", 0)
+    except (FileNotFoundError, ValueError):
+        return False
+    return all(int(p.name.rsplit("-", 1)[1]) >= first for p in path.parent.glob(path.name + ".journal-*"))
+
+
 def mode(path):
     return stat.S_IMODE(os.lstat(path).st_mode)
 
@@ -229,7 +238,7 @@ async def test_namespace_file_names(reactor, tmp_path):
             client = await connect(server, namespace=namespace)
             assert await add(client, "marker", f"fact of namespace {namespace!r}") == 1
         files = {ns: mem / "memory-namespaces" / name for ns, name in NAMESPACE_FILES.items()}
-        await until(reactor, lambda: all(path.exists() for path in files.values()), "every namespace's write-back")
+        await until(reactor, lambda: all(path.exists() and compacted(path) for path in files.values()), "every namespace's write-back")
         for namespace, path in files.items():
             [fact] = facts_in(path)
             assert fact["body"] == f"fact of namespace {namespace!r}"
@@ -296,7 +305,11 @@ async def test_persist_and_load_stay_in_the_sandbox(reactor, tmp_path):
         assert await client.result("memory.load", {"path": "snaps/two.json"}) == 2
         assert await client.result("memory.fact_count") == 2
         assert all("papayas" not in f["body"] for f in await client.result("memory.query", {"query": "papayas gamma", "k": 10}))
-        await until(reactor, lambda: os.stat(scope_file).st_ino != written and written_with(scope_file, 2), "the write-back after the load")
+        await until(
+            reactor,
+            lambda: os.stat(scope_file).st_ino != written and written_with(scope_file, 2) and compacted(scope_file),
+            "the compaction after the load",
+        )
         assert mode(scope_file) == 0o600
 
         # A failed load changes nothing and writes nothing.
