@@ -268,7 +268,7 @@ async def test_persist_and_load_stay_in_the_sandbox(reactor, tmp_path):
         await add(client, "alpha", "alpha fact about kiwis")
         assert await add(client, "beta", "beta fact about mangos") == 2
         scope_file = mem / "memory-namespaces" / "sandbox.json"
-        await until(reactor, lambda: written_with(scope_file, 2), "the write-back")
+        await until(reactor, lambda: written_with(scope_file, 2) and compacted(scope_file), "the write-back")
         (mem / "link.json").symlink_to(outside / "victim.json")
         (mem / "dangling.json").symlink_to(outside / "created.json")
         (mem / "linkdir").symlink_to(outside, target_is_directory=True)
@@ -424,7 +424,7 @@ async def test_persist_and_load_cannot_reach_another_scopes_file(reactor, tmp_pa
     try:
         secret = await connect(server, namespace="secret")
         await add(secret, "vault", "the vault code is 1234")
-        await until(reactor, lambda: written_with(mem / "memory-namespaces" / "secret.json", 1), "the write-back")
+        await until(reactor, lambda: written_with(mem / "memory-namespaces" / "secret.json", 1) and compacted(mem / "memory-namespaces" / "secret.json"), "the write-back")
         unbound = await connect(server)
         reply = await unbound.call("memory.load", {"path": "memory-namespaces/secret.json"})
         assert "error" in reply or await unbound.result("memory.query", {"query": "vault code"}) == [], reply
