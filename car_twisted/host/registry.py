@@ -36,6 +36,7 @@ from car_twisted.errors import RpcError
 from car_twisted.host.model import HostAgent, HostApproval, HostDevice, HostEvent
 from car_twisted.interfaces import ISessionFeature
 from car_twisted.json_value import JsonValue
+from car_twisted.outbox import Outbox
 from car_twisted.rpc.envelope import encode_notification
 
 if TYPE_CHECKING:
@@ -68,36 +69,6 @@ class ApprovalOutcome:
         self.approval = approval
         self.approved = approved
         self.reason = reason
-
-
-class _Subscriber:
-    """One ``host.subscribe``d connection and its bounded backlog."""
-
-    def __init__(self, session: ClientSession) -> None:
-        self.session = session
-        self.backlog: collections.deque[bytes] = collections.deque()
-        self.backlog_bytes = 0
-        self.dropped = 0
-
-    def push(self, frame: bytes) -> None:
-        if self.session.channel.paused or self.backlog or self.dropped:
-            if self.dropped or self.backlog_bytes + len(frame) > HOST_BACKLOG_BYTES:
-                self.dropped += 1
-                return
-            self.backlog.append(frame)
-            self.backlog_bytes += len(frame)
-            return
-        self.session.channel.send(frame)
-
-    def drain(self, gap: HostEvent | None) -> None:
-        channel = self.session.channel
-        while self.backlog and not channel.paused:
-            frame = self.backlog.popleft()
-            self.backlog_bytes -= len(frame)
-            channel.send(frame)
-        if not self.backlog and self.dropped and not channel.paused and gap is not None:
-            self.dropped = 0
-            channel.send(encode_notification("host.event", gap.to_wire()))
 
 
 @implementer(ISessionFeature)
@@ -136,7 +107,7 @@ class HostRegistry:
         self.devices: dict[str, HostDevice] = {}
         self.approvals: collections.OrderedDict[str, HostApproval] = collections.OrderedDict()
         self.events: collections.deque[HostEvent] = collections.deque(maxlen=MAX_HOST_EVENTS)
-        self._subscribers: dict[str, _Subscriber] = {}
+        self._subscribers: dict[str, Outbox] = {}
         self._parked: dict[str, _Parked] = {}
         self._event_ids = itertools.count(1)
 
@@ -205,18 +176,19 @@ class HostRegistry:
 
     def _drain(self, session: ClientSession) -> None:
         sub = self._subscribers.get(session.client_id)
-        if sub is not None:
-            gap = None
-            if sub.dropped:
-                gap = HostEvent(
-                    f"event-{next(self._event_ids)}",
-                    self._now(),
-                    "host.gap",
-                    None,
-                    f"{sub.dropped} events were dropped while this connection was not reading; read host.events to catch up",
-                    {"dropped": sub.dropped},
-                )
-            sub.drain(gap)
+        if sub is None:
+            return
+        dropped = sub.drain()
+        if dropped:
+            gap = HostEvent(
+                f"event-{next(self._event_ids)}",
+                self._now(),
+                "host.gap",
+                None,
+                f"{dropped} events were dropped while this connection was not reading; read host.events to catch up",
+                {"dropped": dropped},
+            )
+            session.channel.send(encode_notification("host.event", gap.to_wire()))
 
     def recent(self, limit: int) -> list[HostEvent]:
         return list(self.events)[-limit:] if limit > 0 else []
@@ -226,7 +198,7 @@ class HostRegistry:
     def subscribe(self, session: ClientSession) -> dict[str, JsonValue]:
         self.connection(session)
         if session.client_id not in self._subscribers:
-            self._subscribers[session.client_id] = _Subscriber(session)
+            self._subscribers[session.client_id] = Outbox(session.channel, HOST_BACKLOG_BYTES, hold_after_drop=True)
         return {
             "subscribed": True,
             "agents": [a.to_wire() for a in self.agents.values()],

@@ -9,9 +9,9 @@ A live subscription pins its connection against the idle sweep.
 
 from __future__ import annotations
 
-import collections
 from typing import TYPE_CHECKING
 
+from car_twisted.outbox import Outbox
 from car_twisted.rpc.envelope import encode_notification
 from car_twisted.runs.model import RunMeta, RunRecord
 
@@ -27,33 +27,13 @@ SUBSCRIBER_BACKLOG_BYTES = 2 * 1024 * 1024
 MAX_SUBSCRIPTIONS_PER_SESSION = 64
 
 
-class Subscriber:
-    """One (connection, run) subscription with its bounded backlog."""
+class Subscriber(Outbox):
+    """One (connection, run) subscription: an outbox that drops (the client sees a cursor gap) past its bound."""
 
     def __init__(self, session: ClientSession, run_id: str) -> None:
+        super().__init__(session.channel, SUBSCRIBER_BACKLOG_BYTES)
         self.session = session
         self.run_id = run_id
-        self.backlog: collections.deque[bytes] = collections.deque()
-        self.backlog_bytes = 0
-        self.dropped = 0
-
-    def push(self, frame: bytes) -> None:
-        # Never wait for a slow reader: queue while its output is backed
-        # up, drop (the client sees a cursor gap) once the backlog is full.
-        if self.session.channel.paused or self.backlog:
-            if self.backlog_bytes + len(frame) > SUBSCRIBER_BACKLOG_BYTES:
-                self.dropped += 1
-                return
-            self.backlog.append(frame)
-            self.backlog_bytes += len(frame)
-            return
-        self.session.channel.send(frame)
-
-    def drain(self) -> None:
-        while self.backlog and not self.session.channel.paused:
-            frame = self.backlog.popleft()
-            self.backlog_bytes -= len(frame)
-            self.session.channel.send(frame)
 
 
 class TraceSubscriptions:
