@@ -16,6 +16,7 @@ import collections
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from car_twisted.stats import DaemonStats
     from car_twisted.ws.channel import WsChannel
 
 __all__ = ["Outbox"]
@@ -29,8 +30,11 @@ class Outbox:
         frames in as room frees up.
     """
 
-    def __init__(self, channel: WsChannel, limit_bytes: int, hold_after_drop: bool = False) -> None:
+    def __init__(
+        self, channel: WsChannel, limit_bytes: int, hold_after_drop: bool = False, stats: DaemonStats | None = None
+    ) -> None:
         self.channel = channel
+        self.stats = stats
         self.limit_bytes = limit_bytes
         self.hold_after_drop = hold_after_drop
         self.backlog: collections.deque[bytes] = collections.deque()
@@ -43,6 +47,8 @@ class Outbox:
         if self.channel.paused or self.backlog or holding:
             if holding or self.backlog_bytes + len(frame) > self.limit_bytes:
                 self.dropped += 1
+                if self.stats is not None:
+                    self.stats.subscriber_drops += 1
                 return False
             self.backlog.append(frame)
             self.backlog_bytes += len(frame)

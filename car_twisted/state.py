@@ -32,6 +32,7 @@ from car_twisted.rpc.registry import Handler, MethodRegistry, MethodSpec
 from car_twisted.runs.registry import RunRegistry
 from car_twisted.runs.store import JsonlRunStore
 from car_twisted.session import ClientSession
+from car_twisted.stats import DaemonStats
 from car_twisted.voice.hub import VoiceHub
 from car_twisted.ws.channel import WsChannel
 
@@ -101,17 +102,16 @@ class ServerState:
         )
         self.host_token: str = config.host_token or mint_token()
         self.components = default_registry(config.adapters)
-        self.agents = Supervisor(
-            clock, config.paths.home, stop_grace=config.agent_stop_grace
-        )
+        self.stats = DaemonStats()
+        self.agents = Supervisor(clock, config.paths.home, stop_grace=config.agent_stop_grace, stats=self.stats)
         # The supervisor knows every agent's token; an embedder may bring
         # its own identities instead.
         self.agent_identities: IAgentIdentities = config.agent_identities or self.agents
         store: IRunStore = config.run_store or JsonlRunStore(
             clock, config.paths.home / "runs", fsync=config.run_store_fsync
         )
-        self.runs = RunRegistry(clock, store, config.run_complete_grace, config=config)
-        self.host = HostRegistry(clock, self._host_identity)
+        self.runs = RunRegistry(clock, store, config.run_complete_grace, config=config, stats=self.stats)
+        self.host = HostRegistry(clock, self._host_identity, stats=self.stats)
         self.goals = GoalStore(clock, config.paths.home / "chat-goals.json")
         self.chats = ChatRelay(clock, self.attached_agent, self.goals, self.runs)
         self.memory = MemoryScopes(

@@ -47,6 +47,7 @@ from car_twisted.errors import AgentAlreadyAttached, InvalidParams, RpcError
 from car_twisted.interfaces import IAgentIdentities
 from car_twisted.json_value import JsonValue
 from car_twisted.private_files import UnsafeStateError, ensure_private_dir, open_private
+from car_twisted.stats import DaemonStats
 
 if TYPE_CHECKING:
     from car_twisted.session import ClientSession
@@ -107,12 +108,14 @@ class Supervisor:
         stop_grace: float = DEFAULT_STOP_GRACE_SECS,
         log_max_bytes: int = DEFAULT_MAX_LOG_BYTES,
         killpg: Callable[[int, int], None] | None = None,
+        stats: DaemonStats | None = None,
     ) -> None:
         """
         @param killpg: signals a process group; C{os.killpg} unless a test
             brings its own.
         """
         self.reactor = reactor
+        self.stats = stats if stats is not None else DaemonStats()
         self.home = home
         self.manifest_path = home / "agents.json"
         self.logs_dir = home / "logs" / "agents"
@@ -516,6 +519,7 @@ class Supervisor:
             self._set(agent, "errored")
             return
         agent.restart_count += 1
+        self.stats.agent_restarts += 1
         agent.quick_failures = agent.quick_failures + 1 if ran < STABLE_RUN_SECS else 1
         delay = min(spec.backoff_secs * 2 ** (agent.quick_failures - 1), max(spec.backoff_secs, MAX_BACKOFF_SECS))
         self._set(agent, "backoff")

@@ -41,6 +41,7 @@ from car_twisted.rpc.envelope import encode_notification
 
 if TYPE_CHECKING:
     from car_twisted.session import ClientSession
+    from car_twisted.stats import DaemonStats
 
 __all__ = [
     "HostRegistry",
@@ -100,8 +101,14 @@ class _Parked:
 class HostRegistry:
     _log = Logger()
 
-    def __init__(self, clock: IReactorTime, identity: Callable[[], dict[str, JsonValue]] | None = None) -> None:
+    def __init__(
+        self,
+        clock: IReactorTime,
+        identity: Callable[[], dict[str, JsonValue]] | None = None,
+        stats: DaemonStats | None = None,
+    ) -> None:
         self.clock = clock
+        self.stats = stats
         self._identity = identity or (lambda: {"manifest_path": None, "manifest_role": "none"})
         self.agents: dict[str, HostAgent] = {}
         self.devices: dict[str, HostDevice] = {}
@@ -198,7 +205,7 @@ class HostRegistry:
     def subscribe(self, session: ClientSession) -> dict[str, JsonValue]:
         self.connection(session)
         if session.client_id not in self._subscribers:
-            self._subscribers[session.client_id] = Outbox(session.channel, HOST_BACKLOG_BYTES, hold_after_drop=True)
+            self._subscribers[session.client_id] = Outbox(session.channel, HOST_BACKLOG_BYTES, hold_after_drop=True, stats=self.stats)
         return {
             "subscribed": True,
             "agents": [a.to_wire() for a in self.agents.values()],

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import types
 from collections.abc import Callable
+from time import perf_counter as _now
 from typing import TYPE_CHECKING, cast
 
 from twisted.internet.defer import CancelledError, Deferred, gatherResults
@@ -109,6 +110,7 @@ class Dispatcher:
         self.max_depth = config.max_json_depth
         self.gate = config.approval_gate
         self.pulse = ProgressPulse(self.clock)
+        self.stats = state.stats
 
     # -- entry points --------------------------------------------------------
 
@@ -242,7 +244,9 @@ class Dispatcher:
                 if reason
                 else f"method not found: {method}"
             )
+            self.stats.request(None, "-32601", 0.0)
             return encode_error(rid, METHOD_NOT_FOUND, text, {"method": method})
+        start = _now()
         if session.in_flight >= self.max_in_flight:
             return None if notification else encode_error(
                 rid,
@@ -258,19 +262,19 @@ class Dispatcher:
             if gate.enabled and (method in gate.methods or spec.approval is not None):
                 why = "it is listed in the approval gate" if method in gate.methods else spec.approval(session, args)  # type: ignore[misc]
                 if why is not None:
-                    return self._wait(session, spec, args, rid, notification, self._park(session, spec, args, params, why))
+                    return self._wait(session, spec, args, rid, notification, self._park(session, spec, args, params, why), start)
             result = spec.handler(session, args)
         except Exception as e:
-            return None if notification else self._error(rid, method, e)
+            return None if notification else self._error(rid, method, e, start)
 
         kind = type(result)
         if kind in _PLAIN or (kind is not _CoroutineType and not isinstance(result, Deferred)):
-            return None if notification else self._encode(rid, method, result)
+            return None if notification else self._encode(rid, method, result, start)
         # Not plain: a coroutine, or a Deferred (the check above).
         d: Deferred[object] = (
             Deferred.fromCoroutine(result) if isinstance(result, _CoroutineType) else cast("Deferred[object]", result)
         )
-        return self._wait(session, spec, args, rid, notification, d)
+        return self._wait(session, spec, args, rid, notification, d, start)
 
     def _park(self, session: ClientSession, spec: MethodSpec, args: object, params: JsonValue, why: str) -> Deferred[object]:
         """Hold a gated call until a person approves it (``host.resolve_approval``); then run it."""
@@ -287,11 +291,20 @@ class Dispatcher:
         return waiting.addCallback(decided)
 
     def _wait(
-        self, session: ClientSession, spec: MethodSpec, args: object, rid: JsonValue, notification: bool, d: Deferred[object]
+        self,
+        session: ClientSession,
+        spec: MethodSpec,
+        args: object,
+        rid: JsonValue,
+        notification: bool,
+        d: Deferred[object],
+        start: float,
     ) -> Deferred[bytes | None]:
         method = spec.name
         timeout = self._deadline(spec, args)
         session.in_flight += 1
+        stats = self.stats
+        stats.in_flight += 1
 
         def on_timeout(result: object, seconds: float) -> Failure:
             return Failure(HandlerDeadlineExceeded(method, seconds))
@@ -300,6 +313,7 @@ class Dispatcher:
 
         def done(result: object) -> object:
             session.in_flight -= 1
+            stats.in_flight -= 1
             if pulse is not None:
                 self.pulse.discard(pulse)
             return result
@@ -309,8 +323,8 @@ class Dispatcher:
         if notification:
             return d.addCallbacks(lambda _: None, self._log_notification_failure, errbackArgs=(method,))
         return d.addCallbacks(
-            lambda result: self._encode(rid, method, result),
-            lambda f: self._error(rid, method, f.value),
+            lambda result: self._encode(rid, method, result, start),
+            lambda f: self._error(rid, method, f.value, start),
         )
 
     def _deadline(self, spec: MethodSpec, args: object) -> float:
@@ -410,22 +424,25 @@ class Dispatcher:
 
     # -- replies -------------------------------------------------------------
 
-    def _encode(self, rid: JsonValue, method: str, result: object) -> bytes:
+    def _encode(self, rid: JsonValue, method: str, result: object, start: float) -> bytes:
         try:
             frame = encode_result(rid, result)
         except Exception as e:
-            return self._error(rid, method, e)
-        if len(frame) > self.max_message_bytes:
-            return encode_error(
+            return self._error(rid, method, e, start)
+        if len(frame) <= self.max_message_bytes:
+            self.stats.request(method, "ok", _now() - start)
+            return frame
+        self.stats.request(method, str(INTERNAL_ERROR), _now() - start)
+        return encode_error(
                 rid,
                 INTERNAL_ERROR,
                 f"response too large: {len(frame)} bytes exceeds the {self.max_message_bytes}-byte message limit",
                 {"bytes": len(frame), "limit": self.max_message_bytes},
             )
-        return frame
 
-    def _error(self, rid: JsonValue, method: str | None, exc: BaseException) -> bytes:
+    def _error(self, rid: JsonValue, method: str | None, exc: BaseException, start: float) -> bytes:
         code, message, data = error_for(exc, method)
+        self.stats.request(method, str(code), _now() - start)
         frame = encode_error(rid, code, message, data)
         if len(frame) > self.max_message_bytes:
             # Errors obey the message cap too: keep the code, trim the rest.

@@ -44,6 +44,7 @@ from car_twisted.runs.model import (
 )
 from car_twisted.runs.retention import RunLimits, StoreRetention, limit_error
 from car_twisted.runs.subscriptions import MAX_SUBSCRIPTIONS_PER_SESSION, SUBSCRIBER_BACKLOG_BYTES, TraceSubscriptions
+from car_twisted.stats import DaemonStats
 
 if TYPE_CHECKING:
     from car_twisted.config import ServerStateConfig
@@ -86,15 +87,21 @@ class RunRegistry:
     _log = Logger()
 
     def __init__(
-        self, clock: IReactorTime, store: IRunStore, grace: float, config: ServerStateConfig | None = None
+        self,
+        clock: IReactorTime,
+        store: IRunStore,
+        grace: float,
+        config: ServerStateConfig | None = None,
+        stats: DaemonStats | None = None,
     ) -> None:
         self.clock = clock
+        self.stats = stats if stats is not None else DaemonStats()
         self.store = store
         self.grace = grace
         self.config = config
         self.limits = RunLimits.from_config(config)
         self.runs: dict[str, RunMeta] = {}
-        self.subscriptions = TraceSubscriptions()
+        self.subscriptions = TraceSubscriptions(self.stats)
         # Open (started, not yet terminal) runs per agent and per starting
         # connection (by client id, while it is open).
         self._open_by_agent: collections.Counter[str] = collections.Counter()
@@ -138,6 +145,7 @@ class RunRegistry:
 
     def _append(self, meta: RunMeta, records: list[RunRecord]) -> Deferred[int | None]:
         """Every append of the registry: the store's, with its bytes booked."""
+        self.stats.run_turns += sum(1 for record in records if record.get("record") == "turn")
         return self.store.append(meta.agent_id, meta.run_id, records).addCallback(self._grown, meta)
 
     def _grown(self, written: int | None, meta: RunMeta) -> int | None:

@@ -17,6 +17,7 @@ from car_twisted.runs.model import RunMeta, RunRecord
 
 if TYPE_CHECKING:
     from car_twisted.session import ClientSession
+    from car_twisted.stats import DaemonStats
 
 __all__ = ["Subscriber", "TraceSubscriptions", "SUBSCRIBER_BACKLOG_BYTES", "MAX_SUBSCRIPTIONS_PER_SESSION"]
 
@@ -30,8 +31,8 @@ MAX_SUBSCRIPTIONS_PER_SESSION = 64
 class Subscriber(Outbox):
     """One (connection, run) subscription: an outbox that drops (the client sees a cursor gap) past its bound."""
 
-    def __init__(self, session: ClientSession, run_id: str) -> None:
-        super().__init__(session.channel, SUBSCRIBER_BACKLOG_BYTES)
+    def __init__(self, session: ClientSession, run_id: str, stats: DaemonStats | None = None) -> None:
+        super().__init__(session.channel, SUBSCRIBER_BACKLOG_BYTES, stats=stats)
         self.session = session
         self.run_id = run_id
 
@@ -39,7 +40,8 @@ class Subscriber(Outbox):
 class TraceSubscriptions:
     """Every live subscription, by run and connection."""
 
-    def __init__(self) -> None:
+    def __init__(self, stats: DaemonStats | None = None) -> None:
+        self.stats = stats
         self._by_run: dict[str, dict[str, Subscriber]] = {}
 
     def is_empty(self) -> bool:
@@ -57,7 +59,7 @@ class TraceSubscriptions:
         subs = self._by_run.setdefault(run_id, {})
         if session.client_id not in subs:
             session.activity.pin()
-        subs[session.client_id] = Subscriber(session, run_id)
+        subs[session.client_id] = Subscriber(session, run_id, self.stats)
 
     def remove(self, session: ClientSession, run_id: str) -> bool:
         subs = self._by_run.get(run_id, {})

@@ -31,6 +31,7 @@ from car_twisted.ws.channel import WsChannel
 
 if TYPE_CHECKING:
     from car_twisted.session import ClientSession
+    from car_twisted.stats import DaemonStats
 
 __all__ = ["WsToolExecutor", "session_tool_executor"]
 
@@ -46,10 +47,12 @@ class WsToolExecutor:
         channel: WsChannel,
         clock: IReactorTime,
         default_timeout_ms: int = DEFAULT_TOOL_TIMEOUT_MS,
+        stats: DaemonStats | None = None,
     ) -> None:
         self.channel = channel
         self.clock = clock
         self.default_timeout_ms = default_timeout_ms
+        self.stats = stats
 
     def execute(self, call: ToolCall) -> Deferred[JsonValue]:
         return _Attempt(self, call).run()
@@ -62,6 +65,7 @@ class _Attempt:
 
     def __init__(self, executor: WsToolExecutor, call: ToolCall) -> None:
         self.call = call
+        self.executor = executor
         self.channel = executor.channel
         self.clock = executor.clock
         self.request_id = self.channel.next_id("cb")
@@ -110,6 +114,8 @@ class _Attempt:
             handle(self, failure.value)  # type: ignore[arg-type]  # a Failure always holds its exception
 
     def _timed_out(self, exc: BaseException) -> None:
+        if self.executor.stats is not None:
+            self.executor.stats.callback_timeouts += 1
         self._give_up(self.timeout_reason)
         self.result.errback(ToolError(self.timeout_reason, kind="timeout"))
 
@@ -174,4 +180,4 @@ def client_error(tool: str, exc: ClientRpcError) -> ToolError:
 def session_tool_executor(session: ClientSession) -> WsToolExecutor:
     """The daemon's default adapter: ClientSession -> IToolExecutor."""
     state = session.state
-    return WsToolExecutor(session.channel, state.clock, state.config.tool_timeout_ms)
+    return WsToolExecutor(session.channel, state.clock, state.config.tool_timeout_ms, state.stats)
