@@ -32,13 +32,13 @@ setup(
         "orjson>=3.9,<4",
         "numpy>=1.26,<3",
         "scipy>=1.11,<2",
+        "treq>=23.11,<27",
     ],
     extras_require={
         "test": [
             "pytest>=8,<10",
             "pytest-twisted>=1.14,<2",
             "hypothesis>=6.100,<7",
-            "treq>=23.11,<27",
         ],
         "interop": ["car-runtime==0.58.0"],
         "bench": ["websockets>=12,<18"],

@@ -49,6 +49,7 @@ I = TypeVar("I")  # noqa: E741 (an interface)
 def _builtin_providers(state: ServerState) -> Iterable[IMethodProvider]:
     # Imported here: the method modules import ServerState for typing only,
     # and keeping the table assembly in one call keeps start-up explicit.
+    from car_twisted.methods.a2ui import A2uiMethods
     from car_twisted.methods.agents import AgentMethods
     from car_twisted.methods.chat import ChatMethods
     from car_twisted.methods.host import HostMethods
@@ -80,6 +81,7 @@ def _builtin_providers(state: ServerState) -> Iterable[IMethodProvider]:
         MemoryMethods(state),
         voice,
         MeetingMethods(state, voice),
+        A2uiMethods(state),
     )
 
 
