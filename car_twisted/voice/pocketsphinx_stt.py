@@ -210,6 +210,7 @@ class PocketSphinxRecognition:
     def __init__(self, sample_rate: int, channels: int, decoder: Any, endpointer: Any, rescore: bool = True) -> None:
         self.sample_rate = sample_rate
         self.rescore = rescore
+        self.worker_options = {"rescore": rescore}
         self.channels = channels
         self._frame_bytes = 2 * channels
         self._pending = b""  # an incomplete input frame (odd byte, half a stereo frame)
@@ -378,6 +379,9 @@ class PocketSphinxTranscriber:
 
     name = "pocketsphinx"
     description = "Offline speech recognition (PocketSphinx, US English, 8-48 kHz mono or stereo 16-bit PCM)"
+    #: pocketsphinx holds the GIL while it decodes: each stream's recognizer
+    #: runs in a worker process of its own (car_twisted.voice.recognizers).
+    worker_factory = "car_twisted.voice.pocketsphinx_stt:PocketSphinxTranscriber"
 
     def __init__(self, rescore: bool = True) -> None:
         #: Decode each finished utterance a second time as a whole (see

@@ -24,22 +24,21 @@ format, is_final}`` with audio, then one empty ``tts_chunk`` with
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TypeVar
 
-from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from car_twisted._util import off_reactor
 from car_twisted.errors import RpcError
-from car_twisted.interfaces import IRecognition, ISpeaker, ITranscriber, IVoiceEventSink
+from car_twisted.interfaces import ISpeaker, ITranscriber, IVoiceEventSink
 from car_twisted.json_value import JsonValue
 from car_twisted.voice.model import Segment, TranscriptUpdate, VoiceEvent
+from car_twisted.voice.recognizers import RecognitionPool, Recognizer, open_recognizer
 
 __all__ = ["RecognitionPool", "SpeechStream", "StreamOverrun", "TranscriptionStream"]
 
-R = TypeVar("R")
+# RecognitionPool lives with the recognizers; re-exported for the hub.
+
 #: Audio handed to the recognizer per call, in seconds.
 CHUNK_SECS = 0.5
 DEFAULT_BUFFER_SECS = 30.0
@@ -56,18 +55,6 @@ class StreamOverrun(RpcError):
             "push more slowly or stop the stream",
             data={"reason": "overrun", "queued_bytes": queued, "limit": limit},
         )
-
-
-class RecognitionPool:
-    """Blocking recognizer calls in the thread pool, at most C{size} at once."""
-
-    def __init__(self, reactor: IReactorTime, size: int = 2) -> None:
-        self.reactor = reactor
-        self.size = size
-        self._semaphore = DeferredSemaphore(size)
-
-    def run(self, fn: Callable[..., R], *args: object) -> Deferred[R]:
-        return self._semaphore.run(off_reactor, self.reactor, fn, *args)
 
 
 class TranscriptionStream:
@@ -107,7 +94,7 @@ class TranscriptionStream:
         self.bytes_in = 0
         self.overruns = 0
         self._buffer = bytearray()
-        self._recognition: IRecognition | None = None
+        self._recognition: Recognizer | None = None
         self._busy = False
         self._partial: str | None = None
         self._stopping: list[Deferred[dict[str, JsonValue]]] = []
@@ -116,17 +103,17 @@ class TranscriptionStream:
     # -- life cycle ----------------------------------------------------------
 
     def open(self) -> Deferred[None]:
-        """Make the recognizer (in the pool); fails if the provider cannot run."""
+        """Make the recognizer (a worker process, or the pool); fails if the provider cannot run."""
 
-        def opened(recognition: IRecognition) -> None:
+        def opened(recognition: Recognizer) -> None:
             if self.status == "closed":
-                self.pool.run(recognition.close).addErrback(_log_close_failure)
+                recognition.close()
                 return
             self._recognition = recognition
             self.status = "streaming"
             self._pump()
 
-        d: Deferred[IRecognition] = self.pool.run(self.transcriber.open, self.sample_rate, self.channels)
+        d = open_recognizer(self.transcriber, self.pool, self.pool.reactor, self.sample_rate, self.channels)
         return d.addCallback(opened)
 
     def describe(self) -> dict[str, JsonValue]:
@@ -180,7 +167,7 @@ class TranscriptionStream:
             waiter.callback(self.result())
         if self._recognition is not None and not self._busy:
             recognition, self._recognition = self._recognition, None
-            self.pool.run(recognition.close).addErrback(_log_close_failure)
+            recognition.close()
 
     # -- the recognition loop -----------------------------------------------------
 
@@ -194,11 +181,11 @@ class TranscriptionStream:
             chunk = bytes(self._buffer[: self.chunk_bytes])
             del self._buffer[: self.chunk_bytes]
             self._busy = True
-            self.pool.run(recognition.accept, chunk).addCallbacks(self._recognized, self._failed)
+            recognition.accept(chunk).addCallbacks(self._recognized, self._failed)
         elif self.status == "stopping":
             self._busy = True
             self.status = "finishing"
-            self.pool.run(recognition.finish).addCallbacks(self._finished, self._failed)
+            recognition.finish().addCallbacks(self._finished, self._failed)
 
     def _recognized(self, update: TranscriptUpdate) -> None:
         self._busy = False
@@ -260,7 +247,7 @@ class TranscriptionStream:
     def _close(self, status: str) -> None:
         recognition, self._recognition = self._recognition, None
         if recognition is not None:
-            self.pool.run(recognition.close).addErrback(_log_close_failure)
+            recognition.close()
         if self.status != "closed":
             self.status = status
         waiters, self._stopping = self._stopping, []
@@ -276,10 +263,6 @@ class TranscriptionStream:
         if self._error is not None:
             result["error"] = self._error
         return result
-
-
-def _log_close_failure(failure: Failure) -> None:
-    _log.failure("closing a recognizer failed", failure=failure)
 
 
 class SpeechStream:

@@ -303,6 +303,7 @@ def test_a_client_pushing_faster_than_recognition_is_told(tmp_path):
 
     class SlowPool:
         size = 1
+        reactor = Clock()
 
         def run(self, fn, *args):
             d = D()
