@@ -165,7 +165,7 @@ class VoiceDaemon(Daemon):
         return argv
 
     def pool_cpu_seconds(self) -> float:
-        """utime + stime of every thread of the daemon but the main (reactor) one."""
+        """utime + stime of every thread of the daemon but the main (reactor) one, and of its recognizer processes."""
         assert self.proc is not None
         pid = self.proc.pid
         total = 0
@@ -181,6 +181,22 @@ class VoiceDaemon(Daemon):
             except (OSError, IndexError):
                 continue  # a thread that just ended (pool threads live as long as the daemon)
             total += int(fields[11]) + int(fields[12])
+        # Recognizers that run in worker processes: the live ones, and (the
+        # daemon's cutime + cstime) the ones that ended and were reaped.
+        try:
+            own = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(own[13]) + int(own[14])
+        except (OSError, IndexError):
+            pass
+        for child in os.listdir("/proc"):
+            if not child.isdigit():
+                continue
+            try:
+                fields = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if fields[1] == str(pid):
+                total += int(fields[11]) + int(fields[12])
         return total / CLK_TCK
 
 
