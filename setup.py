@@ -22,7 +22,7 @@ setup(
     # "twisted.plugins" is listed explicitly (and has no __init__.py) so the
     # dropin lands inside Twisted's plugin package without shadowing it.
     packages=find_packages(include=["car_twisted", "car_twisted.*"]) + ["twisted.plugins"],
-    package_data={"car_twisted": ["py.typed"]},
+    package_data={"car_twisted": ["py.typed"], "car_twisted.web": ["static/*"]},
     exclude_package_data={"twisted.plugins": ["dropin.cache"]},
     install_requires=[
         "twisted>=24.7,<27",
@@ -33,12 +33,14 @@ setup(
         "numpy>=1.26,<3",
         "scipy>=1.11,<2",
         "treq>=23.11,<27",
+        "prometheus-client>=0.20,<1",
     ],
     extras_require={
         "test": [
             "pytest>=8,<10",
             "pytest-twisted>=1.14,<2",
             "hypothesis>=6.100,<7",
+            "selenium>=4.20,<5",
         ],
         "interop": ["car-runtime==0.58.0"],
         "bench": ["websockets>=12,<18"],

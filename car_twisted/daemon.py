@@ -29,6 +29,7 @@ from car_twisted.endpoints import Listen, StartupError, socket_answers, unix_soc
 from car_twisted.paths import ConfigError
 from car_twisted.private_files import check_private_paths
 from car_twisted.service import CarService, freeze_startup_heap
+from car_twisted.web.service import DashboardService, dashboard_listen_description
 
 if TYPE_CHECKING:
     from car_twisted.state import ServerState
@@ -141,6 +142,7 @@ class CarDaemonService(MultiService):
         port: int = DEFAULT_TCP_PORT,
         exit_on_failure: bool = False,
         exit: Callable[[int], object] = os._exit,
+        http: Listen | None = None,
     ) -> None:
         super().__init__()
         self.state = state
@@ -160,6 +162,18 @@ class CarDaemonService(MultiService):
             ]
         self.server = CarService(state, reactor, targets, on_fatal=self._listener_failed)
         self.server.setServiceParent(self)
+        # The sibling HTTP endpoint: port + 1 beside the default listeners,
+        # else only where --http puts it.
+        if http is None and not listen:
+            http = dashboard_listen_description(port)
+        self.dashboard: DashboardService | None = None
+        if http is not None and http != "none":
+            self.dashboard = DashboardService(state, reactor, http, code_file=self._dashboard_code_file)
+            self.dashboard.setServiceParent(self)
+
+    def _dashboard_code_file(self) -> Path | None:
+        # Only the primary owns the shared file; a secondary logs its URL only.
+        return self.files.paths.dashboard_code_file if self.files.primary else None
 
     @property
     def factory(self) -> object:
@@ -204,9 +218,12 @@ def make_daemon_service(
     listen: Sequence[Listen] | None = None,
     port: int = DEFAULT_TCP_PORT,
     exit_on_failure: bool = False,
+    http: Listen | None = None,
 ) -> CarDaemonService:
     """
     The ``twist car`` service: listeners plus the daemon's own duties.
-    Without C{listen}: TCP C{port} on 127.0.0.1 and the UNIX socket.
+    Without C{listen}: TCP C{port} on 127.0.0.1 and the UNIX socket, and
+    the dashboard on C{port} + 1; C{http} puts the dashboard on another
+    endpoint (``"none"``: no dashboard).
     """
-    return CarDaemonService(state, reactor, listen, port, exit_on_failure)
+    return CarDaemonService(state, reactor, listen, port, exit_on_failure, http=http)

@@ -82,6 +82,11 @@ class CarPaths:
         return self.token_dir / "host-token"
 
     @property
+    def dashboard_code_file(self) -> Path:
+        """The dashboard's current one-time login code (primary daemon only)."""
+        return self.token_dir / "dashboard-code"
+
+    @property
     def shared_socket(self) -> Path:
         return self.socket_dir / SOCKET_NAME
 

@@ -99,6 +99,7 @@ class ServerState:
     def __init__(self, config: ServerStateConfig, clock: IReactorTime) -> None:
         self.config = config
         self.clock = clock
+        self.started_at = clock.seconds()
         self.auth_token: str | None = (
             (config.auth_token or mint_token()) if config.auth_enabled else None
         )

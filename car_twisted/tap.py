@@ -37,6 +37,13 @@ class Options(usage.Options):
         ["car-home", None, None, "State root, an absolute path (also CAR_HOME; default ~/.car)."],
         ["allow-origin", None, None, "Extra browser Origin pattern allowed to upgrade (repeatable)."],
         ["port", None, DEFAULT_TCP_PORT, "TCP port of the default loopback listener.", int],
+        [
+            "http",
+            None,
+            None,
+            "Endpoint of the dashboard, /health and /metrics (default: tcp:PORT+1 on 127.0.0.1 "
+            "beside the default listeners; 'none': off).",
+        ],
         ["idle-timeout", None, None, "Seconds a bare connection may stay silent before it is closed (0: never; default 300).", float],
     ]
 
@@ -89,5 +96,10 @@ def makeService(options: Options, reactor: IReactorTime | None = None) -> CarDae
     reactor = maybe_global_reactor(reactor)
     state = ServerState.standalone(reactor, **getattr(options, "config_kwargs", {}))
     return make_daemon_service(
-        state, reactor, options["listen"] or None, port=options["port"], exit_on_failure=True
+        state,
+        reactor,
+        options["listen"] or None,
+        port=options["port"],
+        exit_on_failure=True,
+        http=options["http"],
     )

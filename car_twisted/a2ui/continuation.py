@@ -209,7 +209,7 @@ class _Discard(Protocol):
 
 
 def _discard(response: IResponse) -> None:
-    response.deliverBody(_Discard())  # type: ignore[no-untyped-call]  # IResponse's methods are unannotated
+    response.deliverBody(_Discard())
 
 
 @implementer(IAgent)
@@ -307,8 +307,8 @@ class _Answer:
 async def _exchange(reactor: IReactorTime, target: bytes, headers: Headers, body: bytes, limit: int, timeout: float) -> _Answer:
     # Built here, so that even a reactor that cannot connect ends as a
     # failed exchange (an outcome), not as an exception from the caller's call.
-    pool = HTTPConnectionPool(reactor, persistent=False)  # type: ignore[no-untyped-call]
-    agent = Agent(reactor, connectTimeout=timeout, pool=pool)  # type: ignore[no-untyped-call]
+    pool = HTTPConnectionPool(reactor, persistent=False)
+    agent = Agent(reactor, connectTimeout=timeout, pool=pool)
     client = HTTPClient(_PinnedAgent(agent, target))
     response = await client.request(
         "POST",

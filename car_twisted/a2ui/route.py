@@ -357,7 +357,7 @@ def parse_endpoint(url: object, field: str = "endpoint") -> Endpoint:
     else:
         port = _DEFAULT_PORTS[scheme]
         normalised = f"{scheme}://{host}{tail}"
-    seen = URI.fromBytes(normalised.encode("ascii"))  # type: ignore[no-untyped-call]  # unannotated in Twisted
+    seen = URI.fromBytes(normalised.encode("ascii"))
     # Twisted gives an IPv6 host without its brackets (older releases kept them).
     hosts = {host.encode("ascii"), host.strip("[]").encode("ascii")}
     if seen.host not in hosts or seen.port != port or seen.scheme != scheme.encode("ascii"):

@@ -1,0 +1,1 @@
+// A2UI basic-catalog renderer.
