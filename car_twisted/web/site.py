@@ -23,6 +23,7 @@ from twisted.web import http, server
 from twisted.web.resource import Resource
 
 from car_twisted._version import __version__
+from car_twisted.stats import LATENCY_BUCKETS
 from car_twisted.web.access import COOKIE, DashboardAccess, DashboardSession, loopback_host
 from car_twisted.web.metrics import CONTENT_TYPE, metrics_registry, render_metrics
 from car_twisted.web.ws import DashboardWsFactory, DashboardWsResource
@@ -150,6 +151,8 @@ class DashboardRoot(Resource):
                 http.OK,
                 {"csrf": session.csrf, "version": __version__, "ws": "/ws", "auth_enabled": self.state.auth_enabled},
             )
+        if path == b"/api/stats":
+            return _json(request, http.OK, self.stats())
         if path.startswith(b"/") and path[1:] in _STATIC:
             return self.static(request, path[1:])
         return _json(request, http.NOT_FOUND, {"error": "not found"})
@@ -174,6 +177,31 @@ class DashboardRoot(Resource):
                 "agents": len(state.agents.list()),
             },
         )
+
+    def stats(self) -> dict[str, object]:
+        """The counters the page charts: totals since start and the latency histogram, summed over methods."""
+        stats = self.state.stats
+        buckets = [0] * (len(LATENCY_BUCKETS) + 1)
+        total_seconds = 0.0
+        for per in stats.methods.values():
+            for i, count in enumerate(per.buckets):
+                buckets[i] += count
+            total_seconds += per.total_seconds
+        count, errors = stats.totals()
+        return {
+            "time": self.state.clock.seconds(),
+            "requests": count,
+            "errors": errors,
+            "in_flight": stats.in_flight,
+            "seconds": total_seconds,
+            "bounds": list(LATENCY_BUCKETS),
+            "buckets": buckets,
+            "sessions": len(self.state.sessions),
+            "callback_timeouts": stats.callback_timeouts,
+            "run_turns": stats.run_turns,
+            "agent_restarts": stats.agent_restarts,
+            "subscriber_drops": stats.subscriber_drops,
+        }
 
     def login(self, request: server.Request) -> bytes:
         codes = request.args.get(b"code") or [b""]

@@ -152,7 +152,7 @@ async def test_without_a_session_everything_but_the_open_paths_is_401(dashboard)
     d = await dashboard()
     for cookie in (None, "car_dashboard=forged", "car_dashboard="):
         headers = {"Cookie": cookie} if cookie else {}
-        for path in ("/", "/app.js", "/api/session", "/auth-token", "/ws"):
+        for path in ("/", "/app.js", "/api/session", "/api/stats", "/auth-token", "/ws"):
             response, body = await d.request("GET", path, headers)
             assert response.code == 401, (cookie, path)
             assert d.server.state.auth_token.encode() not in body
@@ -283,6 +283,12 @@ async def test_metrics_parse_and_move_with_requests(dashboard):
     assert after[("car_request_duration_seconds_count", (("method", "state.set"),))] == 3
     assert after[("car_request_duration_seconds_bucket", (("le", "+Inf"), ("method", "state.set")))] == 3
     assert after[("car_connections", (("state", "authenticated"),))] == 1
+    cookie, _ = await d.login()
+    response, body = await d.request("GET", "/api/stats", {"Cookie": f"car_dashboard={cookie}"})
+    assert response.code == 200
+    stats = json.loads(body)
+    assert stats["requests"] >= 6 and stats["errors"] >= 2 and sum(stats["buckets"]) == stats["requests"]
+    assert len(stats["buckets"]) == len(stats["bounds"]) + 1
     for name in ("car_requests_in_flight", "car_callback_timeouts_total", "car_run_turns_total",
                  "car_agent_restarts_total", "car_subscriber_drops_total"):
         assert (name, ()) in after, name
