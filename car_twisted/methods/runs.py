@@ -57,9 +57,15 @@ class RunIdParams:
     run_id: str = attrs.field(metadata=_ID)
 
 
+#: The most runs one ``runs.list`` page may ask for.
+MAX_LIST_LIMIT = 1000
+
+
 @attrs.frozen
 class ListParams:
-    agent_id: str = attrs.field(metadata=_ID)
+    agent_id: str | None = attrs.field(default=None, metadata=_ID)
+    limit: int | None = None
+    offset: int | None = None
 
 
 @attrs.frozen
@@ -89,7 +95,12 @@ class RunMethods:
             MethodSpec("runs.complete", self.complete, params=CompleteParams, description="Record the run's outcome."),
             MethodSpec("runs.subscribe", self.subscribe, params=RunIdParams, description="Snapshot plus live runs.trace.event."),
             MethodSpec("runs.unsubscribe", self.unsubscribe, params=RunIdParams, description="Stop a run subscription."),
-            MethodSpec("runs.list", self.list, params=ListParams, description="An agent's runs, newest first."),
+            MethodSpec(
+                "runs.list",
+                self.list,
+                params=ListParams,
+                description="An agent's runs (every agent's for the host role), newest first; limit/offset page them.",
+            ),
             MethodSpec("runs.get_trace", self.get_trace, params=TraceParams, description="A run's stored records, paged."),
         )
 
@@ -112,7 +123,11 @@ class RunMethods:
         return self.runs.unsubscribe(session, p.run_id)
 
     def list(self, session: ClientSession, p: ListParams) -> Reply:
-        return self.runs.list(session, p.agent_id)
+        if p.limit is not None and not 1 <= p.limit <= MAX_LIST_LIMIT:
+            raise InvalidParams("limit", f"expected 1 to {MAX_LIST_LIMIT} runs")
+        if p.offset is not None and p.offset < 0:
+            raise InvalidParams("offset", "expected a non-negative index")
+        return self.runs.list(session, p.agent_id, p.limit, p.offset)
 
     def get_trace(self, session: ClientSession, p: TraceParams) -> Reply:
         if p.cursor < 0:

@@ -56,6 +56,9 @@ __all__ = ["RunRegistry", "RunConnection", "MAX_PAGE_BYTES", "SUBSCRIBER_BACKLOG
 
 MAX_PAGE_BYTES = 8 * 1024 * 1024
 MAX_REMEMBERED_RUNS = 4096
+# (An alias: ``list`` is a method name inside RunRegistry.)
+RunRecords = list[RunRecord]
+AgentIds = list[str]
 _BAD_TURNS = "runs.record_turns requires { run_id, turns: [RunTurn] }"
 
 
@@ -497,9 +500,42 @@ class RunRegistry:
             return str(records[-1].get("status", "completed"))
         return "incomplete"
 
-    async def list(self, session: ClientSession, agent_id: str) -> dict[str, object]:
-        if not valid_key(agent_id) or not self.entitled(session, agent_id):
-            raise self._forbidden(f"runs.list {agent_id}")
+    async def list(
+        self, session: ClientSession, agent_id: str | None, limit: int | None = None, offset: int | None = None
+    ) -> dict[str, object]:
+        """
+        C{agent_id}'s runs, newest first; with no C{agent_id}, every
+        agent's (the host role only).  C{limit} / C{offset} cut one page
+        out of the list; a paged (or every-agent) answer also says the
+        C{total} and the C{offset}.
+        """
+        if agent_id is None:
+            if not session.is_host:
+                raise self._forbidden("runs.list of every agent")
+            runs: RunRecords = []
+            for each in await self._agents_with_runs():
+                runs.extend(await self._summaries(each))
+        else:
+            if not valid_key(agent_id) or not self.entitled(session, agent_id):
+                raise self._forbidden(f"runs.list {agent_id}")
+            runs = await self._summaries(agent_id)
+        # Newest first; the run id orders runs started in the same instant.
+        runs.sort(key=lambda s: (str(s.get("started_at") or ""), str(s.get("run_id") or "")), reverse=True)
+        out: dict[str, object] = {"agent_id": agent_id, "runs": runs}
+        if agent_id is None or limit is not None or offset is not None:
+            start = offset or 0
+            out["runs"] = runs[start : start + limit] if limit is not None else runs[start:]
+            out["total"] = len(runs)
+            out["offset"] = start
+        return out
+
+    async def _agents_with_runs(self) -> AgentIds:
+        """Every agent the store holds runs of, and every agent with a run in memory."""
+        index = await self.retention.ready()
+        return sorted(set(index.agents()) | {meta.agent_id for meta in self.runs.values()})
+
+    async def _summaries(self, agent_id: str) -> RunRecords:
+        """C{agent_id}'s run summaries: the store's, with the live ones from memory."""
         # Summaries are the registry's own (RunMeta.summary): string ids and times.
         by_id = {
             cast(str, s["run_id"]): s for s in await self.store.summaries(agent_id) if type(s) is dict and "run_id" in s
@@ -515,8 +551,7 @@ class RunRegistry:
         for meta in self.runs.values():
             if meta.agent_id == agent_id:
                 by_id[meta.run_id] = meta.summary()
-        runs = sorted(by_id.values(), key=lambda s: cast(str, s.get("started_at", "")), reverse=True)
-        return {"agent_id": agent_id, "runs": runs}
+        return list(by_id.values())
 
     async def get_trace(self, session: ClientSession, run_id: str, cursor: int) -> dict[str, object]:
         agent_id = await self._locate(run_id) if valid_key(run_id) else None

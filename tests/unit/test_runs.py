@@ -246,6 +246,43 @@ def test_list_is_newest_first_and_get_trace_pages(state, clock):
     assert page["cursor"] == 2 and [r["index"] for r in page["records"]] == [1, 2]
 
 
+def test_list_pages_and_lists_every_agent_for_the_host(state, clock, tmp_path):
+    """limit/offset cut a page and say the total; no agent_id lists every agent's runs, for the host role only."""
+    conns = {agent_id: Conn(state, agent_id) for agent_id in ("ag-1", "ag-2")}
+    started = []
+    for i in range(5):
+        for agent_id, conn in conns.items():
+            run_id = conn.result("runs.start", {"intent": f"{agent_id} run {i}"})["run_id"]
+            conn.result("runs.complete", {"run_id": run_id})
+            started.append((agent_id, run_id))
+            clock.advance(1)
+    newest = [run_id for _, run_id in reversed(started)]
+    mine = [run_id for agent_id, run_id in reversed(started) if agent_id == "ag-1"]
+    owner = conns["ag-1"]
+    # Unpaged: the answer is what it always was.
+    assert set(owner.result("runs.list", {"agent_id": "ag-1"})) == {"agent_id", "runs"}
+    page = owner.result("runs.list", {"agent_id": "ag-1", "limit": 2, "offset": 1})
+    assert [r["run_id"] for r in page["runs"]] == mine[1:3]
+    assert (page["agent_id"], page["total"], page["offset"]) == ("ag-1", 5, 1)
+    assert owner.result("runs.list", {"agent_id": "ag-1", "offset": 4})["runs"][0]["run_id"] == mine[4]
+    host = Conn(state, host=True)
+    every = host.result("runs.list", {})
+    assert [r["run_id"] for r in every["runs"]] == newest
+    assert (every["agent_id"], every["total"], every["offset"]) == (None, 10, 0)
+    assert {r["agent_id"] for r in every["runs"]} == {"ag-1", "ag-2"}
+    tail = host.result("runs.list", {"limit": 3, "offset": 9})
+    assert [r["run_id"] for r in tail["runs"]] == newest[9:] and tail["total"] == 10
+    assert host.result("runs.list", {"limit": 3, "offset": 50})["runs"] == []
+    for bad in ({"limit": 0}, {"limit": 1001}, {"offset": -1}, {"limit": "ten"}):
+        assert host.call("runs.list", bad)["error"]["code"] == -32602, bad
+    for conn in (owner, Conn(state)):
+        reply = conn.call("runs.list", {})
+        assert "not visible to this connection" in reply["error"]["message"] and "ag-" not in json.dumps(reply)
+    # A later daemon life finds every agent's runs in the store.
+    later = Conn(make_state(tmp_path, Clock()), host=True)
+    assert [r["run_id"] for r in later.result("runs.list", {"limit": 4})["runs"]] == newest[:4]
+
+
 def test_subscribe_snapshot_then_stream(state):
     owner, host = Conn(state, "ag-1"), Conn(state, host=True)
     run_id = owner.result("runs.start", {"intent": "x"})["run_id"]
