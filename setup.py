@@ -43,7 +43,7 @@ setup(
             "selenium>=4.20,<5",
         ],
         "interop": ["car-runtime==0.58.0"],
-        "bench": ["websockets>=12,<18"],
+        "bench": ["websockets>=12,<18", "uvloop>=0.21,<0.24; sys_platform != 'win32'"],
         "voice": ["pocketsphinx>=5.0,<6"],
     },
     classifiers=[
