@@ -62,7 +62,22 @@
 //             the subscriptions fared (queue overflows).  --subscribers-read 1
 //             is the control: the same subscribers, but they keep reading
 //             (and discarding) everything after the subscribe reply.
+//   hold      no load: open --conns connections, authenticate each
+//             (session.auth, server.handshake) and keep them open and
+//             silent (ws answers the daemon's keep-alive pings), for the
+//             connections scenario.  Prints one JSON line
+//             {"event":"ready",...} once all are authenticated, then holds
+//             them until its stdin closes or --seconds pass, closes them
+//             and prints the result line ({"event":"done",...}: among
+//             others, how many the daemon closed meanwhile).
 // echo2 and callback both cost two network round trips per operation.
+//
+// --open-window W (any mode): at most W connections are opened and not
+// yet authenticated at once; the next one is opened when one's
+// session.auth is answered.  The daemon admits only a few unauthenticated
+// connections per peer (and in all) and drops the oldest beyond that, so
+// hundreds of connections must be opened at a pace it accepts.  0 (the
+// default): all at once.
 //
 // The whole run is bounded: at most --max-requests measured-loop requests
 // are sent in total, and a hard timer exits the process (status 2) if
@@ -94,10 +109,12 @@ function parseArgs(argv) {
     hostToken: "",
     subscribersRead: 0,
     zeroMask: 0,
+    openWindow: 0,
   };
   const numeric = new Set([
     "conns", "depth", "seconds", "warmup", "maxRequests", "connectTimeout", "drain",
     "batch", "runLimit", "outputBytes", "stalledSubscribers", "subscribersRead", "zeroMask",
+    "openWindow",
   ]);
   for (let i = 0; i < argv.length; i++) {
     const arg = argv[i];
@@ -112,9 +129,10 @@ function parseArgs(argv) {
   if (!opts.url) throw new Error("--url is required");
   if (opts.conns < 1 || opts.depth < 1) throw new Error("--conns and --depth must be >= 1");
   if (!(opts.seconds > 0)) throw new Error("--seconds must be > 0");
-  if (!["echo", "echo2", "callback", "runs"].includes(opts.mode)) {
-    throw new Error(`--mode must be echo, echo2, callback or runs, not ${opts.mode}`);
+  if (!["echo", "echo2", "callback", "runs", "hold"].includes(opts.mode)) {
+    throw new Error(`--mode must be echo, echo2, callback, runs or hold, not ${opts.mode}`);
   }
+  if (!Number.isInteger(opts.openWindow)) throw new Error("--open-window must be an integer >= 0");
   if (!(opts.batch >= 1 && opts.batch <= opts.runLimit && Number.isInteger(opts.batch))) {
     throw new Error("--batch must be an integer between 1 and --run-limit");
   }
@@ -158,8 +176,15 @@ function main() {
     process.exit(64);
   }
 
+  if (opts.mode === "hold") {
+    hold(opts);
+    return;
+  }
+
+  // A paced open (--open-window) takes a while for many connections.
+  const openAllowance = opts.openWindow > 0 ? opts.conns / 50 : 0;
   const hardLimitMs =
-    (opts.connectTimeout + opts.warmup + opts.seconds + opts.drain + 5) * 1000;
+    (opts.connectTimeout + openAllowance + opts.warmup + opts.seconds + opts.drain + 5) * 1000;
   const hardTimer = setTimeout(() => {
     process.stderr.write(`loadgen: hard time limit (${hardLimitMs} ms) reached; aborting\n`);
     process.exit(2);
@@ -694,6 +719,7 @@ function main() {
       if (conn.phase === "auth" && msg.id === 0) {
         conn.phase = "handshake";
         ws.send(handshakeFrame);
+        openNext(); // this one is no guest any more
       } else if (conn.phase === "handshake" && msg.id === 2 && callbackMode) {
         conn.phase = "register";
         ws.send(registerFrame);
@@ -859,8 +885,151 @@ function main() {
     if (errors > 0 || closedEarly > 0) process.exitCode = 1;
   }
 
+  // --open-window: the first W now, then one per authenticated connection.
+  let opened = 0;
+  function openNext() {
+    if (opts.openWindow > 0 && opened < opts.conns && !finished) conns.push(makeConn(opened++));
+  }
+
   fillPool();
-  for (let i = 0; i < opts.conns; i++) conns.push(makeConn(i));
+  const first = opts.openWindow > 0 ? Math.min(opts.openWindow, opts.conns) : opts.conns;
+  while (opened < first) conns.push(makeConn(opened++));
+}
+
+// --mode hold: open and authenticate --conns connections, at most
+// --open-window of them unauthenticated at once, then hold them silent
+// until stdin closes or --seconds pass.
+function hold(opts) {
+  const window = opts.openWindow > 0 ? opts.openWindow : opts.conns;
+  const authFrame = JSON.stringify({
+    jsonrpc: "2.0", id: 0, method: "session.auth", params: { token: opts.token },
+  });
+  const handshakeFrame = JSON.stringify({
+    jsonrpc: "2.0", id: 2, method: "server.handshake",
+    params: { protocol_version: 3, client_version: "bench", required_capabilities: [] },
+  });
+  const t0 = performance.now();
+  // Opening must progress: at least 50 connections a second on average.
+  const openLimitMs = (opts.connectTimeout + opts.conns / 50) * 1000;
+  const st = {
+    opened: 0, authenticated: 0, held: 0, guests: 0, max_guests: 0,
+    closed_by_server: 0, closed_by_server_while_held: 0, errors: 0, first_error: null,
+    unexpected: 0, pings: 0,
+  };
+  const conns = [];
+  const authMs = []; // TCP connect started -> session.auth answered
+  let readyAt = null;
+  let state = "opening"; // -> "holding" -> "closing"
+  const error = (msg) => {
+    st.errors++;
+    if (st.first_error === null) st.first_error = msg;
+  };
+  const openTimer = setTimeout(() => {
+    error(`not all connections authenticated within ${openLimitMs} ms ` +
+          `(${st.authenticated} of ${opts.conns})`);
+    finish();
+  }, openLimitMs);
+
+  const openOne = () => {
+    const index = st.opened++;
+    st.guests++;
+    if (st.guests > st.max_guests) st.max_guests = st.guests;
+    const started = performance.now();
+    const ws = new WebSocket(opts.url, {
+      perMessageDeflate: false, handshakeTimeout: opts.connectTimeout * 1000,
+    });
+    const c = { ws, phase: "connecting" };
+    conns.push(c);
+    ws.on("open", () => {
+      c.phase = "auth";
+      ws.send(authFrame);
+    });
+    ws.on("ping", () => { st.pings++; }); // ws answers it (autoPong)
+    ws.on("message", (data) => {
+      let msg;
+      try {
+        msg = JSON.parse(data.toString());
+      } catch (e) {
+        error(`connection ${index}: unparsable frame`);
+        return;
+      }
+      if (msg.error !== undefined) {
+        error(`connection ${index}: ${c.phase} refused: ${JSON.stringify(msg.error)}`);
+        return;
+      }
+      if (c.phase === "auth" && msg.id === 0) {
+        authMs.push(performance.now() - started);
+        st.authenticated++;
+        st.guests--;
+        c.phase = "handshake";
+        ws.send(handshakeFrame);
+        pump();
+      } else if (c.phase === "handshake" && msg.id === 2) {
+        c.phase = "held";
+        st.held++;
+        if (st.held === opts.conns) ready();
+      } else {
+        st.unexpected++;
+      }
+    });
+    ws.on("error", (err) => {
+      if (c.phase !== "closing") error(`connection ${index}: ${err.message}`);
+    });
+    ws.on("close", () => {
+      if (c.phase === "closing") return;
+      st.closed_by_server++;
+      if (c.phase === "held") {
+        st.held--;
+        if (state === "holding") st.closed_by_server_while_held++;
+      } else {
+        error(`connection ${index} closed during ${c.phase}`);
+        if (c.phase === "connecting" || c.phase === "auth") st.guests--;
+        if (state === "opening") finish(); // it will never be ready
+      }
+      c.phase = "closed";
+    });
+  };
+  const pump = () => {
+    while (state === "opening" && st.guests < window && st.opened < opts.conns) openOne();
+  };
+
+  const ready = () => {
+    if (state !== "opening") return;
+    state = "holding";
+    clearTimeout(openTimer);
+    readyAt = performance.now();
+    const ms = authMs.slice().sort((a, b) => a - b);
+    process.stdout.write(JSON.stringify({
+      event: "ready", held: st.held, open_s: (readyAt - t0) / 1000,
+      opened_per_s: opts.conns / ((readyAt - t0) / 1000),
+      auth_p50_ms: percentile(ms, 0.5), auth_p99_ms: percentile(ms, 0.99),
+      auth_max_ms: ms.length ? ms[ms.length - 1] : null, max_guests: st.max_guests,
+    }) + "\n");
+    setTimeout(finish, opts.seconds * 1000).unref();
+  };
+
+  let done = false;
+  function finish() {
+    if (done) return;
+    done = true;
+    clearTimeout(openTimer);
+    const held = st.held;
+    state = "closing";
+    for (const c of conns) {
+      c.phase = "closing";
+      c.ws.terminate();
+    }
+    process.stdout.write(JSON.stringify({
+      event: "done", conns: opts.conns, ...st, held_at_end: held,
+      held_s: readyAt === null ? null : (performance.now() - readyAt) / 1000,
+    }) + "\n");
+    process.exit(st.errors > 0 || held !== opts.conns ? 1 : 0);
+  }
+
+  process.stdin.on("end", finish);
+  process.stdin.on("close", finish);
+  process.stdin.resume();
+  pump();
 }
 
 main();
