@@ -22,6 +22,15 @@ what-if, not the daemon's behaviour: it sets ``TCP_NODELAY`` on every
 accepted socket (the daemon leaves Nagle on), by wrapping Twisted's
 ``tcp.Server``.
 
+``--limit NAME=VALUE`` (repeatable) sets one of the daemon's bounds, as
+``twist car --limit`` does (``car_twisted.config.LIMITS``: the
+``connections`` scenario raises ``max_connections``).  ``--tracemalloc
+DIR`` is a diagnostic: it starts ``tracemalloc`` (one frame per trace) once
+the daemon is set up, and on every SIGUSR1 runs a full collection, then
+writes a snapshot to ``DIR/snapshot-<n>.pickle`` and the count of
+gc-tracked objects per type to ``DIR/types-<n>.json`` (each file written
+under a temporary name and renamed, so a reader never sees half of one).
+
 Prints ``LISTENING <port>`` on stdout once bound (``--port 0`` picks a
 free port).  SIGINT/SIGTERM stop the reactor cleanly, so the script can be
 run under ``python -m cProfile -o out.prof``.
@@ -30,10 +39,17 @@ run under ``python -m cProfile -o out.prof``.
 from __future__ import annotations
 
 import argparse
+import collections
+import gc
+import json
+import os
 import shutil
+import signal
 import socket
 import sys
 import tempfile
+import tracemalloc
+from pathlib import Path
 
 from twisted.internet import reactor, tcp
 from twisted.logger import (
@@ -48,6 +64,7 @@ from zope.interface import implementer
 
 from car_twisted import CarPaths, MethodSpec, ServerState, ServerStateConfig, make_car_service
 from car_twisted.auth import tokens_equal
+from car_twisted.config import parse_limit
 from car_twisted.interfaces import IAgentIdentities
 from car_twisted.runs.registry import SUBSCRIBER_BACKLOG_BYTES
 from car_twisted.service import freeze_startup_heap
@@ -168,6 +185,33 @@ def force_tcp_nodelay() -> None:
     tcp.Server.__init__ = __init__
 
 
+def install_heap_snapshots(directory: Path) -> None:
+    """
+    Diagnostic: trace allocations from now on; each SIGUSR1 writes a
+    tracemalloc snapshot and a count of live objects per type to
+    C{directory} (numbered from 0).  The handler runs on the reactor
+    thread between two bytecodes, so the heap it sees is consistent.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    tracemalloc.start(1)
+    taken = [0]
+
+    def dump(signum, frame) -> None:
+        n = taken[0]
+        taken[0] += 1
+        gc.collect()
+        types = collections.Counter(type(o).__qualname__ for o in gc.get_objects())
+        snapshot = tracemalloc.take_snapshot()
+        for name, write in ((f"types-{n}.json", lambda p: p.write_text(json.dumps(types))),
+                            (f"snapshot-{n}.pickle", lambda p: snapshot.dump(str(p)))):
+            tmp = directory / (name + ".tmp")
+            write(tmp)
+            os.replace(tmp, directory / name)
+        print(f"heap snapshot {n} written to {directory}", file=sys.stderr, flush=True)
+
+    signal.signal(signal.SIGUSR1, dump)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--port", type=int, default=0)
@@ -181,7 +225,12 @@ def main() -> None:
                         help="CAR_HOME to use (kept); default a temp dir removed on exit")
     parser.add_argument("--tcp-nodelay", action="store_true",
                         help="what-if: set TCP_NODELAY on accepted sockets (the daemon does not)")
+    parser.add_argument("--limit", action="append", default=[], metavar="NAME=VALUE",
+                        help="one of the daemon's bounds, as twist car --limit (repeatable)")
+    parser.add_argument("--tracemalloc", type=Path, default=None, metavar="DIR",
+                        help="diagnostic: trace allocations; SIGUSR1 writes a snapshot to DIR")
     args = parser.parse_args()
+    limits = dict(parse_limit(spec) for spec in args.limit)
     if args.tcp_nodelay:
         force_tcp_nodelay()
 
@@ -202,6 +251,7 @@ def main() -> None:
             paths=CarPaths.resolve({"CAR_HOME": args.car_home or tmpdir}),
             auth_token=args.token,
             host_token=args.host_token,
+            **limits,
         ).with_methods(MethodSpec("bench.echo", echo))
         stats: list[SubStats] = []
         if args.host_token:
@@ -215,6 +265,8 @@ def main() -> None:
         svc = make_car_service(state, reactor, [f"tcp:{args.port}:interface=127.0.0.1"])
         svc.startService()
         freeze_startup_heap()  # as `twist car` does once it is listening
+        if args.tracemalloc is not None:
+            install_heap_snapshots(args.tracemalloc)
         port = svc.tcp_port()
         print(f"LISTENING {port}", flush=True)
         reactor.addSystemEventTrigger("before", "shutdown", svc.stopService)
