@@ -29,6 +29,20 @@ also gets K host connections that subscribe to it (``runs.subscribe``) and
 then never read; ``--reading-subscribers`` the control with subscribers
 that read everything; ``--output-bytes`` sizes each turn's output.
 
+``--scenario connections`` measures the daemon with many connections: on
+a fresh daemon per round (``max_connections`` raised, open-file limits of
+the daemon and of the load generators raised), its RSS and a 1x1
+``bench.echo`` probe's latency first with no other connection, then with
+N (``--idle-connections``, default 10000) authenticated idle connections
+held by one ``loadgen.js --mode hold`` process (opened ``--open-window``
+at a time, so the daemon's guest slots never overflow); then M
+(``--active-connections``, default 1000) connections with one request in
+flight each.  One extra launch runs the daemon under ``tracemalloc`` and
+prints the allocation sites that grow per idle connection.
+
+The throughput table also has ``websockets-tuned`` (uvloop, orjson) next
+to the stock ``websockets`` responder and bare Autobahn.
+
 Standard library only (plus ``node``/``npm`` on PATH).  See README.md.
 """
 
@@ -62,8 +76,9 @@ SERVERS: dict[str, tuple[str, str, bool]] = {
     "car": ("car-twisted", "servers/car_server.py", True),
     "autobahn": ("autobahn-bare", "servers/autobahn_bare.py", False),
     "websockets": ("websockets-bare", "servers/websockets_bare.py", False),
+    "websockets-tuned": ("websockets-tuned", "servers/websockets_tuned.py", False),
 }
-BASELINES = ("autobahn", "websockets")
+BASELINES = ("autobahn", "websockets", "websockets-tuned")
 
 # --scenario callback: loadgen modes, measured on the car server only.
 # mode -> label; every mode is one "operation" (rps = operations/s).
@@ -72,7 +87,8 @@ MODES: dict[str, str] = {
     "echo2": "2 echoes (seq.)",
     "callback": "proposal+callback",
 }
-DEFAULT_SHAPES = {"throughput": "16x8,1x1", "callback": "16x4,1x1", "runs": "1x1,4x4"}
+DEFAULT_SHAPES = {"throughput": "16x8,1x1", "callback": "16x4,1x1", "runs": "1x1,4x4",
+                  "connections": "1x1"}
 # The daemon's per-run ceiling (car_twisted.runs.model.RECORD_TURNS_RUN_CEILING).
 RUN_TURN_LIMIT = 2000
 
@@ -94,16 +110,70 @@ _PR_SET_PDEATHSIG = 1
 _CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
-def _child_setup(cpus: set[int] | None):
-    """preexec_fn: optional CPU pinning; on Linux, die with the runner."""
+def _child_setup(cpus: set[int] | None, nofile: int | None = None):
+    """
+    preexec_fn: optional CPU pinning; on Linux, die with the runner; with
+    C{nofile}, raise the child's open-file limit (RLIMIT_NOFILE) to it
+    (the hard limit too when allowed, else as far as the hard limit goes).
+    """
 
     def setup() -> None:
         if cpus:
             os.sched_setaffinity(0, cpus)
         if _LIBC is not None:
             _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if nofile is not None:
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            if soft == resource.RLIM_INFINITY or soft >= nofile:
+                pass  # high enough already
+            elif hard == resource.RLIM_INFINITY or hard >= nofile:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, hard))
+            else:
+                try:  # root may raise the hard limit (up to fs.nr_open)
+                    resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+                except (ValueError, OSError):
+                    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
     return setup
+
+
+def nofile_limit(pid: int) -> int | None:
+    """The soft RLIMIT_NOFILE of process C{pid} (Linux /proc), or None."""
+    try:
+        for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+            if line.startswith("Max open files"):
+                value = line.split()[3]
+                return None if value == "unlimited" else int(value)
+    except (OSError, IndexError, ValueError):
+        pass
+    return None
+
+
+def rss_kib(pid: int) -> int | None:
+    """Resident set size of process C{pid} in KiB (VmRSS), or None."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except (OSError, IndexError, ValueError):
+        pass
+    return None
+
+
+def fd_count(pid: int) -> int | None:
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return None
+
+
+def pid_cpu_seconds(pid: int) -> float | None:
+    """User+system CPU seconds process C{pid} used so far (Linux /proc), else None."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
 
 
 def system_busy_seconds() -> float | None:
@@ -167,7 +237,7 @@ def wait_until_quiet(max_busy_pct: float, timeout: float) -> float | None:
 class Server:
     def __init__(self, name: str, python: str, token: str, log_dir: Path,
                  cpus: set[int] | None, profile: Path | None,
-                 extra_args: list[str] | None = None) -> None:
+                 extra_args: list[str] | None = None, nofile: int | None = None) -> None:
         self.name = name
         self.label, script, takes_token = SERVERS[name]
         self.log_path = log_dir / f"{name}.log"
@@ -180,6 +250,7 @@ class Server:
         cmd += extra_args or []
         self.cmd = cmd
         self.cpus = cpus
+        self.nofile = nofile
         self.proc: subprocess.Popen | None = None
         self.port: int | None = None
 
@@ -192,7 +263,7 @@ class Server:
                 stdout=subprocess.PIPE,
                 stderr=log,
                 bufsize=0,
-                preexec_fn=_child_setup(self.cpus),
+                preexec_fn=_child_setup(self.cpus, self.nofile),
             )
         finally:
             log.close()
@@ -252,11 +323,7 @@ class Server:
         """User+system CPU seconds used so far (Linux /proc), else None."""
         if self.proc is None:
             return None
-        try:
-            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            return None
-        return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+        return pid_cpu_seconds(self.proc.pid)
 
     def log_tail(self, lines: int = 20) -> str:
         try:
@@ -270,7 +337,9 @@ class Server:
 
 def run_loadgen(node: str, server: Server, conns: int, depth: int, args: argparse.Namespace,
                 token: str, cpus: set[int] | None, mode: str = "echo",
-                extra_args: list[str] | None = None) -> dict:
+                extra_args: list[str] | None = None, nofile: int | None = None,
+                seconds: float | None = None) -> dict:
+    seconds = args.seconds if seconds is None else seconds
     cmd = [
         node, str(LOADGEN),
         "--mode", mode,
@@ -278,11 +347,11 @@ def run_loadgen(node: str, server: Server, conns: int, depth: int, args: argpars
         "--token", token,
         "--conns", str(conns),
         "--depth", str(depth),
-        "--seconds", str(args.seconds),
+        "--seconds", str(seconds),
         "--warmup", str(args.warmup),
         "--max-requests", str(args.max_requests),
     ] + (extra_args or [])
-    limit = args.warmup + args.seconds + 40
+    limit = args.warmup + seconds + 40 + conns / 50
     server_cpu0 = server.cpu_seconds()
     children0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     exclude = {server.proc.pid} if server.proc is not None else set()
@@ -291,7 +360,7 @@ def run_loadgen(node: str, server: Server, conns: int, depth: int, args: argpars
     wall0 = time.monotonic()
     try:
         done = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                              timeout=limit, preexec_fn=_child_setup(cpus))
+                              timeout=limit, preexec_fn=_child_setup(cpus, nofile))
     except subprocess.TimeoutExpired:
         raise BenchError(f"loadgen against {server.label} did not finish within {limit:.0f}s")
     wall = time.monotonic() - wall0
@@ -623,6 +692,16 @@ def summarize_callback(runs: list[dict], modes: list[str], shapes: list[tuple[in
             paired = _paired_ratios(runs, "mode", "callback", base, shape, "rps")
             if paired:
                 entry[f"callback/{base}_rps_paired_median"] = statistics.median(paired)
+            # Time per operation, proposal over baseline: latency p50 and
+            # p99, and 1 / throughput (the time per operation under load);
+            # per-round pairs too, for their spread.
+            entry[f"callback/{base}_time_per_op"] = other["rps"] / cb["rps"]
+            for metric, key in (("p50_ms", "p50"), ("p99_ms", "p99"), ("rps", "time_per_op")):
+                pairs = _paired_ratios(runs, "mode", "callback", base, shape, metric)
+                if metric == "rps":
+                    pairs = [1.0 / x for x in pairs]
+                if pairs:
+                    entry[f"callback/{base}_{key}_paired"] = pairs
         ratios.append(entry)
     return {"rows": rows, "ratios": ratios}
 
@@ -690,6 +769,7 @@ def summarize_runs(runs: list[dict], cells: list[str], shapes: list[tuple[int, i
             if k == 0 or row is None or base is None:
                 continue
             paired = _paired_ratios(runs, "mode", mode, base_mode, shape, "turns_per_s")
+            p99_paired = _paired_ratios(runs, "mode", mode, base_mode, shape, "p99_ms")
             ut, ub = row["server_us_per_turn"], base["server_us_per_turn"]
             ratios.append({
                 "shape": shape, "batch": b, "subscribers": k, "subscribers_read": reading,
@@ -699,9 +779,21 @@ def summarize_runs(runs: list[dict], cells: list[str], shapes: list[tuple[int, i
                 "turns_per_s_paired": paired,
                 "p50": row["p50_ms"] / base["p50_ms"],
                 "p99": row["p99_ms"] / base["p99_ms"],
+                # The recorder's ack latency p99 side by side: without, with
+                # (medians over the rounds, with their range), per-round ratios.
+                "p99_ms_without": base["p99_ms"],
+                "p99_ms_with": row["p99_ms"],
+                "p99_ms_without_range": _range(_cell_runs(runs, "mode", base_mode, shape), "p99_ms"),
+                "p99_ms_with_range": _range(_cell_runs(runs, "mode", mode, shape), "p99_ms"),
+                "p99_paired": p99_paired,
                 "server_us_per_turn": ut / ub if ut and ub else None,
             })
     return {"rows": rows, "ratios": ratios}
+
+
+def _range(runs: list[dict], field: str) -> list[float] | None:
+    values = [r[field] for r in runs if r.get(field) is not None]
+    return [min(values), max(values)] if values else None
 
 
 def _sub_totals(stats: dict) -> dict:
@@ -739,6 +831,9 @@ def summarize(runs: list[dict], servers: list[str], shapes: list[tuple[int, int]
             paired = _paired_ratios(runs, "server", "car", base, shape, "rps")
             if paired:
                 entry[f"car/{base}_paired_median"] = statistics.median(paired)
+                entry[f"car/{base}_paired_min"] = min(paired)
+                entry[f"car/{base}_paired_max"] = max(paired)
+                entry[f"car/{base}_paired"] = paired
         ratios.append(entry)
     return {"rows": rows, "ratios": ratios}
 
@@ -756,13 +851,23 @@ def print_table(summary: dict, args: argparse.Namespace, out=sys.stdout) -> None
               f"{row['p50_ms']:>8.3f} {row['p99_ms']:>8.3f}", file=out)
     if summary["ratios"]:
         print(file=out)
+        print("car-twisted rps / baseline rps, side by side: ratio of the medians, then the "
+              "median [min-max] of the per-round paired ratios", file=out)
         cols = [b for b in BASELINES if any(f"car/{b}" in e for e in summary["ratios"])]
-        print(f"{'shape':>6} " + " ".join(f"{'car/' + b + ' rps':>20}" for b in cols), file=out)
+        w = 28
+        print(f"{'shape':>6} " + " ".join(f"{'car / ' + SERVERS[b][0]:>{w}}" for b in cols),
+              file=out)
         for e in summary["ratios"]:
             cells = []
             for b in cols:
                 v = e.get(f"car/{b}")
-                cells.append(f"{v:>20.2f}" if v is not None else f"{'-':>20}")
+                if v is None:
+                    cells.append(f"{'-':>{w}}")
+                    continue
+                pm = e.get(f"car/{b}_paired_median")
+                paired = (f" ({pm:.2f} [{e[f'car/{b}_paired_min']:.2f}-"
+                          f"{e[f'car/{b}_paired_max']:.2f}])" if pm is not None else "")
+                cells.append(f"{f'{v:.2f}' + paired:>{w}}")
             print(f"{e['shape']:>6} " + " ".join(cells), file=out)
     print(file=out)
 
@@ -795,6 +900,23 @@ def print_callback_table(summary: dict, args: argparse.Namespace, out=sys.stdout
                 print(f"{e['shape']:>6} {base:>6} {e[f'callback/{base}_rps']:>7.2f} "
                       f"{e[f'callback/{base}_p50']:>7.2f} {e[f'callback/{base}_p99']:>7.2f} "
                       f"{(f'{cpu:.2f}' if cpu is not None else '-'):>10}", file=out)
+        if any("callback/echo2_p50" in e for e in summary["ratios"]):
+            print(file=out)
+            print("proposal path vs plain calls: time of one proposal.submit round trip (one "
+                  "tool_call; its tools.execute callback answered by the client) / time of two "
+                  "sequential plain calls (bench.echo, the second sent on the first's reply); "
+                  "ratio of the medians, then the median [min-max] of the per-round ratios", file=out)
+            for e in summary["ratios"]:
+                if "callback/echo2_p50" not in e:
+                    continue
+                parts = []
+                for key, what in (("p50", "p50 latency"), ("p99", "p99 latency"),
+                                  ("time_per_op", "time per op (1/ops/s)")):
+                    pairs = e.get(f"callback/echo2_{key}_paired") or []
+                    spread = (f" ({statistics.median(pairs):.2f} [{min(pairs):.2f}-{max(pairs):.2f}])"
+                              if pairs else "")
+                    parts.append(f"{what} {e[f'callback/echo2_{key}']:.2f}x{spread}")
+                print(f"  proposal / 2 plain calls at {e['shape']:>5}: " + ", ".join(parts), file=out)
     print(file=out)
 
 
@@ -864,6 +986,25 @@ def print_runs_table(summary: dict, args: argparse.Namespace, out=sys.stdout) ->
             print(f"{e['label']:<20} {e['shape']:>6} {e['turns_per_s']:>8.2f} "
                   f"{(f'{pm:.2f}' if pm is not None else '-'):>8} {e['p50']:>6.2f} "
                   f"{e['p99']:>6.2f} {(f'{ut:.2f}' if ut is not None else '-'):>8}", file=out)
+        print(file=out)
+        print("recorder's ack latency p99 (runs.record_turns send -> ack), without and with "
+              "subscribers per run, side by side: medians over the rounds [min-max], ratio of "
+              "the medians, then the median [min-max] of the per-round ratios", file=out)
+        header = (f"{'cell':<20} {'shape':>6} {'p99 ms without':>22} {'p99 ms with':>22} "
+                  f"{'with/without':>13} {'per round':>20}")
+        print(header, file=out)
+        print("-" * len(header), file=out)
+
+        def ms(v, r):
+            return f"{v:.3f}" + (f" [{r[0]:.2f}-{r[1]:.2f}]" if r else "")
+
+        for e in summary["ratios"]:
+            pr = e["p99_paired"]
+            rounds = (f"{statistics.median(pr):.2f} [{min(pr):.2f}-{max(pr):.2f}]" if pr else "-")
+            print(f"{e['label']:<20} {e['shape']:>6} "
+                  f"{ms(e['p99_ms_without'], e['p99_ms_without_range']):>22} "
+                  f"{ms(e['p99_ms_with'], e['p99_ms_with_range']):>22} "
+                  f"{e['p99']:>12.2f}x {rounds:>20}", file=out)
     print(file=out)
 
 
@@ -897,16 +1038,604 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{value:.0f}%"
 
 
+# -- connections at scale ---------------------------------------------------------
+
+class Holder:
+    """
+    A ``loadgen.js --mode hold`` process: opens C{conns} connections (at
+    most C{window} unauthenticated at once), authenticates them and keeps
+    them open and silent until its stdin is closed.
+    """
+
+    def __init__(self, node: str, server: Server, token: str, conns: int, window: int,
+                 log_dir: Path, cpus: set[int] | None, nofile: int | None,
+                 connect_timeout: float = 10.0) -> None:
+        self.conns = conns
+        # The holder gives up by itself if opening does not progress (see
+        # loadgen.js); the runner allows a little more.
+        self.ready_timeout = connect_timeout + conns / 50 + 15
+        self.cmd = [node, str(LOADGEN), "--mode", "hold", "--url", server.url, "--token", token,
+                    "--conns", str(conns), "--open-window", str(window),
+                    "--connect-timeout", str(connect_timeout), "--seconds", str(HOLD_CAP_SECONDS)]
+        self.log_path = log_dir / "holder.log"
+        self.cpus = cpus
+        self.nofile = nofile
+        self.proc: subprocess.Popen | None = None
+        self._buf = b""
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    def start(self) -> dict:
+        """Start it and wait until every connection is authenticated: the ready line."""
+        log = open(self.log_path, "ab")
+        try:
+            self.proc = subprocess.Popen(self.cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         stderr=log, bufsize=0,
+                                         preexec_fn=_child_setup(self.cpus, self.nofile))
+        finally:
+            log.close()
+        line = self._read_line(self.ready_timeout)
+        if line.get("event") != "ready":
+            raise BenchError(f"the connection holder failed while opening: "
+                             f"{json.dumps(line.get('first_error'))} ({json.dumps(line)})")
+        return line
+
+    def _read_line(self, timeout: float) -> dict:
+        assert self.proc is not None and self.proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        with selectors.DefaultSelector() as sel:
+            sel.register(self.proc.stdout, selectors.EVENT_READ)
+            while b"\n" not in self._buf:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise BenchError(f"the connection holder said nothing within {timeout:.0f}s"
+                                     f"{self.log_tail()}")
+                if not sel.select(left):
+                    continue
+                chunk = os.read(self.proc.stdout.fileno(), 65536)
+                if not chunk:
+                    raise BenchError(f"the connection holder exited (status {self.proc.wait()})"
+                                     f"{self.log_tail()}")
+                self._buf += chunk
+        line, _, self._buf = self._buf.partition(b"\n")
+        try:
+            return json.loads(line)
+        except ValueError:
+            raise BenchError(f"the connection holder printed {line[:200]!r}") from None
+
+    def check_alive(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            raise BenchError(f"the connection holder is not running{self.log_tail()}")
+
+    def cpu_seconds(self) -> float | None:
+        return pid_cpu_seconds(self.proc.pid) if self.proc is not None else None
+
+    def stop(self) -> dict:
+        """Close its stdin: it closes the connections and reports how they fared."""
+        proc = self.proc
+        assert proc is not None and proc.stdin is not None
+        try:
+            proc.stdin.close()
+            return self._read_line(30)
+        finally:
+            self.kill()
+
+    def kill(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        try:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(5)
+        finally:
+            for f in (proc.stdin, proc.stdout):
+                if f is not None:
+                    try:
+                        f.close()
+                    except OSError:
+                        pass
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return ""
+        return (f"\n--- {self.log_path} (last {lines} lines) ---\n" + "\n".join(text[-lines:])
+                if text else "")
+
+
+# Longest the holder keeps its connections if the runner never closes its stdin.
+HOLD_CAP_SECONDS = 1800
+
+
+def _wait_quiet(args: argparse.Namespace) -> None:
+    if args.pause > 0:
+        time.sleep(args.pause)
+    if args.quiet_pct > 0:
+        idle_busy = wait_until_quiet(args.quiet_pct, args.quiet_timeout)
+        if idle_busy is not None and idle_busy >= args.quiet_pct:
+            print(f"note: machine still {idle_busy:.0f}% busy after waiting "
+                  f"{args.quiet_timeout:g}s; running anyway", file=sys.stderr)
+
+
+def measured_loadgen(args: argparse.Namespace, server: Server, conns: int, depth: int,
+                     token: str, cpus: set[int] | None, label: str,
+                     extra: list[str] | None = None, nofile: int | None = None,
+                     seconds: float | None = None, holder: Holder | None = None) -> dict:
+    """
+    One ``bench.echo`` load run after waiting for a quiet machine, re-run
+    (up to --retries) when other work disturbed it; with C{holder}, also
+    the holder's CPU over the run (it is the runner's child, so not in
+    "other").
+    """
+    for attempt in range(args.retries + 1):
+        _wait_quiet(args)
+        server.check_alive()
+        if holder is not None:
+            holder.check_alive()
+        h0, t0 = (holder.cpu_seconds() if holder else None), time.monotonic()
+        res = run_loadgen(args.node, server, conns, depth, args, token, cpus, "echo", extra,
+                          nofile, seconds)
+        h1, wall = (holder.cpu_seconds() if holder else None), time.monotonic() - t0
+        res["holder_cpu_pct"] = (100.0 * (h1 - h0) / wall
+                                 if h0 is not None and h1 is not None else None)
+        server.check_alive()
+        other = res["other_cpu_pct"]
+        res["disturbed"] = other is not None and other > args.max_other
+        res["attempt"] = attempt + 1
+        holder_cpu = f" holder {_pct(res['holder_cpu_pct'])}" if holder is not None else ""
+        print(f"    {label:<34} {conns}x{depth}: {res['rps']:>9.0f} rps  p50 {res['p50_ms']:.3f} ms  "
+              f"p99 {res['p99_ms']:.3f} ms  cpu: daemon {_pct(res['server_cpu_pct'])} "
+              f"loadgen {_pct(res['loadgen_cpu_pct'])}{holder_cpu} other {_pct(other)}"
+              + ("  DISTURBED" if res["disturbed"] else ""), file=sys.stderr)
+        if not res["disturbed"]:
+            break
+    return res
+
+
+def _cpu_over(server: Server, seconds: float) -> float | None:
+    """The daemon's CPU use over the next C{seconds}, % of one core."""
+    c0, t0 = server.cpu_seconds(), time.monotonic()
+    time.sleep(seconds)
+    c1, wall = server.cpu_seconds(), time.monotonic() - t0
+    return 100.0 * (c1 - c0) / wall if c0 is not None and c1 is not None else None
+
+
+def _daemon_limits(args: argparse.Namespace) -> list[str]:
+    """--limit arguments for car_server.py: room for every connection, then --daemon-limit."""
+    limits = [f"max_connections={args.idle_connections + args.active_connections + 64}"]
+    limits += args.daemon_limit
+    return [a for spec in limits for a in ("--limit", spec)]
+
+
+def _nofile(args: argparse.Namespace) -> dict[str, int]:
+    """Open-file limits for the daemon, the holder and the load generator."""
+    n, m = args.idle_connections, args.active_connections
+    return {"daemon": n + m + 1024, "holder": n + 1024, "loadgen": m + 1024}
+
+
+def connections_round(rnd: int, args: argparse.Namespace, token: str, log_dir: Path,
+                      server_cpus: set[int] | None, loadgen_cpus: set[int] | None) -> dict:
+    """
+    One round on a fresh daemon: RSS and a 1x1 probe with no other
+    connection; open N idle connections; RSS and the same probe with them
+    held; close them; then M connections with one request in flight each.
+    """
+    n, m = args.idle_connections, args.active_connections
+    nofile = _nofile(args)
+    server = Server("car", args.python, token, log_dir, server_cpus, None, _daemon_limits(args),
+                    nofile=nofile["daemon"])
+    holder: Holder | None = None
+    out: dict = {"round": rnd, "idle_connections": n, "active_connections": m}
+    try:
+        server.start()
+        pid = server.proc.pid
+        out["daemon_pid_nofile"] = nofile_limit(pid)
+        print(f"round {rnd + 1}: daemon pid {pid} on {server.url} (open files limit "
+              f"{out['daemon_pid_nofile']})", file=sys.stderr)
+        if out["daemon_pid_nofile"] is not None and out["daemon_pid_nofile"] < nofile["daemon"]:
+            print(f"note: the daemon's open-file limit is {out['daemon_pid_nofile']}, below the "
+                  f"{nofile['daemon']} wanted (the hard limit, which this user may not raise)",
+                  file=sys.stderr)
+        time.sleep(args.settle)
+        out["rss_start_kib"] = rss_kib(pid)
+        out["probe_0"] = measured_loadgen(args, server, 1, 1, token, loadgen_cpus,
+                                          "probe, 0 idle", seconds=args.probe_seconds)
+        out["idle_cpu_pct_0"] = _cpu_over(server, args.idle_seconds)
+        out["rss_before_kib"] = rss_kib(pid)
+        out["fds_before"] = fd_count(pid)
+
+        _wait_quiet(args)
+        holder = Holder(args.node, server, token, n, args.open_window, log_dir, loadgen_cpus,
+                        nofile["holder"])
+        c0, t0 = server.cpu_seconds(), time.monotonic()
+        ready = holder.start()
+        wall = time.monotonic() - t0
+        c1 = server.cpu_seconds()
+        ready["holder_pid_nofile"] = nofile_limit(holder.pid)
+        ready["wall_s"] = wall
+        ready["daemon_cpu_s"] = c1 - c0 if c0 is not None and c1 is not None else None
+        ready["daemon_us_per_conn"] = (1e6 * ready["daemon_cpu_s"] / n
+                                       if ready["daemon_cpu_s"] is not None else None)
+        ready["holder_cpu_s"] = holder.cpu_seconds()
+        out["open"] = ready
+        print(f"    opened {n} connections in {ready['open_s']:.1f} s ({ready['opened_per_s']:.0f}/s, "
+              f"auth p50 {ready['auth_p50_ms']:.1f} ms p99 {ready['auth_p99_ms']:.1f} ms, "
+              f"daemon {ready['daemon_us_per_conn'] or 0:.0f} us CPU each)", file=sys.stderr)
+        time.sleep(args.settle)
+        out["rss_after_kib"] = rss_kib(pid)
+        out["fds_after"] = fd_count(pid)
+        if out["rss_after_kib"] is not None and out["rss_before_kib"] is not None:
+            out["rss_per_conn_bytes"] = 1024.0 * (out["rss_after_kib"] - out["rss_before_kib"]) / n
+        print(f"    daemon RSS {out['rss_before_kib'] / 1024:.1f} -> {out['rss_after_kib'] / 1024:.1f} "
+              f"MiB ({out.get('rss_per_conn_bytes', 0) / 1024:.1f} KiB per connection), "
+              f"{out['fds_after']} fds", file=sys.stderr)
+        out["probe_n"] = measured_loadgen(args, server, 1, 1, token, loadgen_cpus,
+                                          f"probe, {n} idle", seconds=args.probe_seconds,
+                                          holder=holder)
+        out["idle_cpu_pct_n"] = _cpu_over(server, args.idle_seconds)
+        out["rss_after_probe_kib"] = rss_kib(pid)
+        holder.check_alive()
+        hold = out["hold"] = holder.stop()
+        holder = None
+        if hold.get("event") != "done" or hold.get("errors") or hold.get("closed_by_server") \
+                or hold.get("held_at_end") != n:
+            raise BenchError(f"the idle connections did not all stay open: {json.dumps(hold)}"
+                             f"{server.log_tail()}")
+        time.sleep(args.settle)
+        out["rss_after_close_kib"] = rss_kib(pid)
+
+        if m:
+            out["active"] = measured_loadgen(
+                args, server, m, 1, token, loadgen_cpus, f"{m} connections x 1 in flight",
+                extra=["--open-window", str(args.open_window)], nofile=nofile["loadgen"])
+            if out["active"]["loadgen_cpu_pct"] > 90:
+                print(f"note: the load generator used {out['active']['loadgen_cpu_pct']:.0f}% of a "
+                      f"CPU in the {m}x1 phase: it may be the bottleneck", file=sys.stderr)
+            out["rss_after_active_kib"] = rss_kib(pid)
+    finally:
+        if holder is not None:
+            holder.kill()
+        server.stop()
+    return out
+
+
+def _signal_snapshot(server: Server, directory: Path, n: int, timeout: float = 300.0) -> dict:
+    """SIGUSR1 the tracemalloc'd daemon and wait for its snapshot C{n}."""
+    assert server.proc is not None
+    server.proc.send_signal(signal.SIGUSR1)
+    deadline = time.monotonic() + timeout
+    names = (directory / f"snapshot-{n}.pickle", directory / f"types-{n}.json")
+    while not all(p.exists() for p in names):
+        server.check_alive()
+        if time.monotonic() > deadline:
+            raise BenchError(f"heap snapshot {n} not written within {timeout:.0f}s{server.log_tail()}")
+        time.sleep(0.1)
+    return {"rss_kib": rss_kib(server.proc.pid)}
+
+
+def _short_path(filename: str) -> str:
+    for marker in ("/site-packages/", "/dist-packages/"):
+        if marker in filename:
+            return filename.split(marker, 1)[1]
+    root = str(HERE.parent) + os.sep
+    if filename.startswith(root):
+        return filename[len(root):]
+    return filename
+
+
+def heap_diagnostic(args: argparse.Namespace, token: str, log_dir: Path,
+                    server_cpus: set[int] | None, loadgen_cpus: set[int] | None) -> dict:
+    """
+    One extra launch of the daemon under tracemalloc: heap snapshots before
+    and after opening the N idle connections, compared by allocation site
+    (file:line); also the growth of live objects per type.
+    """
+    import linecache
+    import tracemalloc
+
+    n = args.idle_connections
+    nofile = _nofile(args)
+    snap_dir = Path(tempfile.mkdtemp(prefix="car-bench-heap-"))
+    server = Server("car", args.python, token, log_dir, server_cpus, None,
+                    _daemon_limits(args) + ["--tracemalloc", str(snap_dir)], nofile=nofile["daemon"])
+    holder: Holder | None = None
+    out: dict = {"idle_connections": n}
+    try:
+        server.start()
+        print(f"heap diagnostic: tracemalloc'd daemon pid {server.proc.pid}", file=sys.stderr)
+        time.sleep(args.settle)
+        out["before"] = _signal_snapshot(server, snap_dir, 0)
+        holder = Holder(args.node, server, token, n, args.open_window, log_dir, loadgen_cpus,
+                        nofile["holder"])
+        out["open"] = holder.start()
+        time.sleep(args.settle)
+        out["after"] = _signal_snapshot(server, snap_dir, 1)
+        hold = out["hold"] = holder.stop()
+        holder = None
+        if hold.get("closed_by_server") or hold.get("held_at_end") != n:
+            raise BenchError(f"the idle connections did not all stay open: {json.dumps(hold)}")
+        s0 = tracemalloc.Snapshot.load(str(snap_dir / "snapshot-0.pickle"))
+        s1 = tracemalloc.Snapshot.load(str(snap_dir / "snapshot-1.pickle"))
+        types0 = json.loads((snap_dir / "types-0.json").read_text())
+        types1 = json.loads((snap_dir / "types-1.json").read_text())
+    finally:
+        if holder is not None:
+            holder.kill()
+        server.stop()
+        shutil.rmtree(snap_dir, ignore_errors=True)
+    skip = [tracemalloc.Filter(False, "*/tracemalloc.py"),
+            tracemalloc.Filter(False, "<frozen importlib._bootstrap>"),
+            tracemalloc.Filter(False, "<frozen importlib._bootstrap_external>"),
+            tracemalloc.Filter(False, "<unknown>")]
+    s0, s1 = s0.filter_traces(skip), s1.filter_traces(skip)
+    diffs = s1.compare_to(s0, "lineno")
+    total = sum(d.size_diff for d in diffs)
+    out["traced_bytes_per_conn"] = total / n
+    out["traced_blocks_per_conn"] = sum(d.count_diff for d in diffs) / n
+    out["rss_per_conn_bytes"] = (1024.0 * (out["after"]["rss_kib"] - out["before"]["rss_kib"]) / n
+                                 if out["after"]["rss_kib"] and out["before"]["rss_kib"] else None)
+    sites = []
+    for d in sorted(diffs, key=lambda d: d.size_diff, reverse=True)[:args.heap_top]:
+        frame = d.traceback[0]
+        sites.append({
+            "site": f"{_short_path(frame.filename)}:{frame.lineno}",
+            "bytes_per_conn": d.size_diff / n,
+            "blocks_per_conn": d.count_diff / n,
+            "bytes_total": d.size_diff,
+            "share_pct": 100.0 * d.size_diff / total if total else None,
+            "code": linecache.getline(frame.filename, frame.lineno).strip(),
+        })
+    out["top_sites"] = sites
+    growth = sorted(((name, types1.get(name, 0) - types0.get(name, 0)) for name in types1),
+                    key=lambda kv: kv[1], reverse=True)
+    out["objects_per_conn"] = sum(types1.values()) / n - sum(types0.values()) / n
+    out["top_types"] = [{"type": name, "per_conn": delta / n}
+                        for name, delta in growth[:args.heap_top] if delta > 0]
+    return out
+
+
+def _stat(values) -> dict | None:
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    return {"median": statistics.median(values), "min": min(values), "max": max(values),
+            "values": values}
+
+
+def summarize_connections(rounds: list[dict]) -> dict:
+    """Medians with [min, max] over the rounds of every figure the table shows."""
+    def get(path: str):
+        out = []
+        for r in rounds:
+            v = r
+            for key in path.split("."):
+                v = v.get(key) if isinstance(v, dict) else None
+            out.append(v)
+        return out
+
+    kib_to_mib = lambda vs: [v / 1024 if v is not None else None for v in vs]  # noqa: E731
+    p99_ratio = [a / b for a, b in zip(get("probe_n.p99_ms"), get("probe_0.p99_ms"), strict=True)
+                 if a is not None and b]
+    p50_ratio = [a / b for a, b in zip(get("probe_n.p50_ms"), get("probe_0.p50_ms"), strict=True)
+                 if a is not None and b]
+    s = {
+        "rounds": len(rounds),
+        "rss_start_mib": _stat(kib_to_mib(get("rss_start_kib"))),
+        "rss_before_mib": _stat(kib_to_mib(get("rss_before_kib"))),
+        "rss_after_mib": _stat(kib_to_mib(get("rss_after_kib"))),
+        "rss_after_probe_mib": _stat(kib_to_mib(get("rss_after_probe_kib"))),
+        "rss_after_close_mib": _stat(kib_to_mib(get("rss_after_close_kib"))),
+        "rss_per_conn_kib": _stat(v / 1024 if v is not None else None
+                                  for v in get("rss_per_conn_bytes")),
+        "fds_after": _stat(get("fds_after")),
+        "open_s": _stat(get("open.open_s")),
+        "opened_per_s": _stat(get("open.opened_per_s")),
+        "open_auth_p50_ms": _stat(get("open.auth_p50_ms")),
+        "open_auth_p99_ms": _stat(get("open.auth_p99_ms")),
+        "open_daemon_us_per_conn": _stat(get("open.daemon_us_per_conn")),
+        "idle_cpu_pct_0": _stat(get("idle_cpu_pct_0")),
+        "idle_cpu_pct_n": _stat(get("idle_cpu_pct_n")),
+        "pings_per_conn": _stat(p / n if p is not None and n else None
+                                for p, n in zip(get("hold.pings"), get("idle_connections"), strict=True)),
+        "p99_ratio": _stat(p99_ratio),
+        "p50_ratio": _stat(p50_ratio),
+    }
+    for key in ("probe_0", "probe_n", "active"):
+        s[key] = {f: _stat(get(f"{key}.{f}")) for f in
+                  ("rps", "p50_ms", "p99_ms", "max_ms", "server_cpu_pct", "loadgen_cpu_pct",
+                   "holder_cpu_pct", "other_cpu_pct", "server_us_per_op")}
+    p0, pn = s["probe_0"]["p99_ms"], s["probe_n"]["p99_ms"]
+    if p0 and pn:
+        s["p99_ratio_of_medians"] = pn["median"] / p0["median"]
+    if s["rss_after_mib"]:
+        s["rss_after_under_1gib"] = s["rss_after_mib"]["max"] < 1024
+    if s["p99_ratio"]:
+        s["p99_ratio_within_2x"] = s["p99_ratio"]["median"] <= 2.0
+    return s
+
+
+def _med(st: dict | None, key: str = "median") -> float | None:
+    return None if st is None else st[key]
+
+
+def _ms(st: dict | None, fmt: str = ".3f") -> str:
+    if st is None:
+        return "-"
+    return f"{st['median']:{fmt}} [{st['min']:{fmt}}-{st['max']:{fmt}}]"
+
+
+def print_connections_table(summary: dict, heap: dict | None, args: argparse.Namespace,
+                            out=sys.stdout) -> None:
+    n, m = args.idle_connections, args.active_connections
+    s = summary
+    print(file=out)
+    print(f"connections: {n} authenticated idle connections (session.auth + server.handshake, "
+          f"then silent; opened {args.open_window} unauthenticated at a time) on a fresh daemon per "
+          f"round; median [min-max] over {s['rounds']} round(s)", file=out)
+    print(f"  daemon RSS MiB: at start {_ms(s['rss_start_mib'], '.1f')}, before "
+          f"{_ms(s['rss_before_mib'], '.1f')}, with {n} idle {_ms(s['rss_after_mib'], '.1f')}, "
+          f"after the probe {_ms(s['rss_after_probe_mib'], '.1f')}, after closing them "
+          f"{_ms(s['rss_after_close_mib'], '.1f')}", file=out)
+    ok = s.get("rss_after_under_1gib")
+    print(f"  RSS per idle connection: {_ms(s['rss_per_conn_kib'], '.1f')} KiB "
+          f"(target: RSS < 1 GiB with {n}: {'met' if ok else 'NOT met' if ok is not None else '-'})",
+          file=out)
+    print(f"  opening: {_ms(s['opened_per_s'], '.0f')} connections/s, session.auth answered "
+          f"p50 {_ms(s['open_auth_p50_ms'], '.1f')} ms p99 {_ms(s['open_auth_p99_ms'], '.1f')} ms "
+          f"after connect, daemon CPU {_ms(s['open_daemon_us_per_conn'], '.0f')} us per connection",
+          file=out)
+    print(f"  daemon CPU while nothing is sent: {_ms(s['idle_cpu_pct_0'], '.1f')} % with 0 idle, "
+          f"{_ms(s['idle_cpu_pct_n'], '.1f')} % with {n} (keep-alive pings: "
+          f"{_ms(s['pings_per_conn'], '.1f')} per connection while held)", file=out)
+    print(file=out)
+    print(f"  one active connection, bench.echo 1x1 for {args.probe_seconds:g}s after "
+          f"{args.warmup:g}s warm-up:", file=out)
+    header = (f"  {'':<14} {'rps':>22} {'p50 ms':>24} {'p99 ms':>24} {'max ms':>22} "
+              f"{'daemon cpu':>11} {'loadgen':>8} {'holder':>7} {'other':>6}")
+    print(header, file=out)
+    for key, label in (("probe_0", "0 idle"), ("probe_n", f"{n} idle")):
+        p = s[key]
+        print(f"  {label:<14} {_ms(p['rps'], '.0f'):>22} {_ms(p['p50_ms']):>24} "
+              f"{_ms(p['p99_ms']):>24} {_ms(p['max_ms'], '.2f'):>22} "
+              f"{_pct(_med(p['server_cpu_pct'])):>11} {_pct(_med(p['loadgen_cpu_pct'])):>8} "
+              f"{_pct(_med(p['holder_cpu_pct'])):>7} {_pct(_med(p['other_cpu_pct'], 'max')):>6}",
+              file=out)
+    within = s.get("p99_ratio_within_2x")
+    print(f"  p99 with {n} idle / with 0 idle: {_ms(s['p99_ratio'], '.2f')} per round, "
+          f"{s.get('p99_ratio_of_medians', float('nan')):.2f} as the ratio of the medians "
+          f"(target <= 2x: {'met' if within else 'NOT met' if within is not None else '-'}); "
+          f"p50: {_ms(s['p50_ratio'], '.2f')}", file=out)
+    a = s["active"]
+    if a["rps"] is not None:
+        print(file=out)
+        print(f"  {m} connections, 1 bench.echo in flight on each ({args.seconds:g}s after "
+              f"{args.warmup:g}s warm-up): {_ms(a['rps'], '.0f')} rps, p50 {_ms(a['p50_ms'])} ms, "
+              f"p99 {_ms(a['p99_ms'])} ms; daemon {_pct(_med(a['server_cpu_pct']))} "
+              f"({_ms(a['server_us_per_op'], '.1f')} us/request), load generator "
+              f"{_pct(_med(a['loadgen_cpu_pct']))}, other (max) "
+              f"{_pct(_med(a['other_cpu_pct'], 'max'))}", file=out)
+    if heap is not None:
+        print(file=out)
+        print(f"  what grows per idle connection (one extra launch under tracemalloc, 1 frame; "
+              f"snapshots before / after opening {n}, after a full collection): traced "
+              f"{heap['traced_bytes_per_conn']:.0f} B and {heap['traced_blocks_per_conn']:.1f} "
+              f"blocks per connection; RSS {(heap['rss_per_conn_bytes'] or 0) / 1024:.1f} KiB "
+              f"(tracemalloc's own overhead included); {heap['objects_per_conn']:.1f} gc-tracked "
+              f"objects", file=out)
+        print(f"  {'B/conn':>8} {'blocks':>7} {'share':>6}  site", file=out)
+        for site in heap["top_sites"]:
+            print(f"  {site['bytes_per_conn']:>8.0f} {site['blocks_per_conn']:>7.2f} "
+                  f"{site['share_pct']:>5.1f}%  {site['site']}  {site['code'][:90]}", file=out)
+        print("  gc-tracked objects per connection, by type: " + ", ".join(
+            f"{t['type']} {t['per_conn']:.2f}" for t in heap["top_types"]), file=out)
+    print(file=out)
+
+
+def main_connections(args: argparse.Namespace, env: dict, token: str, log_dir: Path,
+                     server_cpus: set[int] | None, loadgen_cpus: set[int] | None) -> int:
+    rounds: list[dict] = []
+    heap: dict | None = None
+    failed = False
+
+    def on_sigterm(signum, frame):  # make `kill <runner>` clean up like Ctrl-C
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        for rnd in range(args.repeat):
+            rounds.append(connections_round(rnd, args, token, log_dir, server_cpus, loadgen_cpus))
+        if args.heap_diagnostic:
+            heap = heap_diagnostic(args, token, log_dir, server_cpus, loadgen_cpus)
+    except BenchError as e:
+        failed = True
+        print(f"error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        failed = True
+        print("interrupted; stopping the servers", file=sys.stderr)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if not rounds:
+        print(f"logs kept in {log_dir}", file=sys.stderr)
+        return 1
+    summary = summarize_connections(rounds)
+    print_connections_table(summary, heap, args)
+    if args.json is not None:
+        doc = {
+            "config": {
+                "scenario": "connections",
+                "idle_connections": args.idle_connections,
+                "active_connections": args.active_connections,
+                "open_window": args.open_window,
+                "probe_seconds": args.probe_seconds,
+                "seconds": args.seconds,
+                "warmup": args.warmup,
+                "idle_seconds": args.idle_seconds,
+                "repeat": args.repeat,
+                "daemon_limits": _daemon_limits(args)[1::2],
+                "open_file_limits": _nofile(args),
+                "pinned": bool(args.pin),
+                "complete": not failed,
+            },
+            "environment": env,
+            "summary": summary,
+            "heap": heap,
+            "rounds": rounds,
+        }
+        args.json.write_text(json.dumps(doc, indent=2) + "\n")
+        print(f"results written to {args.json}", file=sys.stderr)
+    if failed:
+        print(f"logs kept in {log_dir}", file=sys.stderr)
+        return 1
+    shutil.rmtree(log_dir, ignore_errors=True)
+    return 0
+
+
 # -- main -----------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description="JSON-RPC over WebSocket throughput: car-twisted vs bare Autobahn and websockets.")
-    p.add_argument("--scenario", choices=("throughput", "callback", "runs"), default="throughput",
+    p.add_argument("--scenario", choices=("throughput", "callback", "runs", "connections"),
+                   default="throughput",
                    help="throughput: bench.echo on every server (default); callback: the "
                         "car server only, proposal.submit with one tool_call next to one and "
                         "two sequential bench.echo requests; runs: the car server only, "
-                        "runs.record_turns batches acked once written to the run file")
+                        "runs.record_turns batches acked once written to the run file; "
+                        "connections: the car server only, RSS and bench.echo latency with N "
+                        "idle authenticated connections held, then M connections x 1 in flight")
+    p.add_argument("--idle-connections", type=int, default=10_000, metavar="N",
+                   help="with --scenario connections: idle connections held (default 10000)")
+    p.add_argument("--active-connections", type=int, default=1000, metavar="M",
+                   help="with --scenario connections: connections of the second phase, one "
+                        "request in flight on each (default 1000; 0: skip)")
+    p.add_argument("--open-window", type=int, default=32, metavar="W",
+                   help="with --scenario connections: connections opened and not yet "
+                        "authenticated at once (default 32; the daemon admits 64 guests per "
+                        "peer by default and drops the oldest beyond)")
+    p.add_argument("--probe-seconds", type=float, default=30.0,
+                   help="with --scenario connections: measured seconds of each 1x1 probe "
+                        "(default 30: the daemon pings every connection every 30 s)")
+    p.add_argument("--idle-seconds", type=float, default=5.0,
+                   help="with --scenario connections: window for the daemon's CPU use while "
+                        "nothing is sent (default 5)")
+    p.add_argument("--settle", type=float, default=2.0,
+                   help="with --scenario connections: seconds to wait before reading RSS "
+                        "(default 2)")
+    p.add_argument("--daemon-limit", action="append", default=[], metavar="NAME=VALUE",
+                   help="with --scenario connections: one more of the daemon's bounds (as twist "
+                        "car --limit; repeatable); max_connections is raised to N + M + 64")
+    p.add_argument("--no-heap-diagnostic", dest="heap_diagnostic", action="store_false",
+                   help="with --scenario connections: skip the extra tracemalloc launch")
+    p.add_argument("--heap-top", type=int, default=15,
+                   help="with --scenario connections: allocation sites to print (default 15)")
     p.add_argument("--batches", type=parse_batches, default=[1, 256],
                    help="with --scenario runs: comma-separated turns per batch (default 1,256)")
     p.add_argument("--stalled-subscribers", type=parse_counts, default=[0], metavar="K,...",
@@ -931,8 +1660,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds first (default 1)")
     p.add_argument("--repeat", type=int, default=3, help="round-robin rounds (default 3)")
     p.add_argument("--servers", type=choice_list("server", SERVERS), default=None,
-                   help="comma-separated subset of car,autobahn,websockets (default all; "
-                        "--scenario callback uses car only)")
+                   help="comma-separated subset of car,autobahn,websockets,websockets-tuned "
+                        "(default all; the other scenarios use car only)")
     p.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON")
     p.add_argument("--pause", type=float, default=0.5, help="idle seconds between runs (default 0.5)")
     p.add_argument("--quiet-pct", type=float, default=20.0,
@@ -964,9 +1693,16 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     callback = args.scenario == "callback"
     runs_scn = args.scenario == "runs"
+    conns_scn = args.scenario == "connections"
     if args.shapes is None:
         args.shapes = parse_shapes(DEFAULT_SHAPES[args.scenario])
-    if callback or runs_scn:
+    if conns_scn and (args.idle_connections < 1 or args.active_connections < 0
+                      or args.open_window < 1 or args.probe_seconds <= 0
+                      or args.idle_seconds <= 0 or args.settle < 0 or args.profile is not None):
+        p.error("--scenario connections needs --idle-connections >= 1, --active-connections "
+                ">= 0, --open-window >= 1, --probe-seconds and --idle-seconds > 0, and no "
+                "--profile")
+    if callback or runs_scn or conns_scn:
         if args.servers is not None and args.servers != ["car"]:
             p.error(f"--scenario {args.scenario} runs the car server only "
                     f"(--servers car, or leave it out)")
@@ -987,12 +1723,14 @@ def main(argv: list[str] | None = None) -> int:
     if shutil.which(args.node) is None:
         print(f"error: {args.node!r} not found on PATH (Node.js >= 18 is required)", file=sys.stderr)
         return 2
-    if "websockets" in args.servers and importlib.util.find_spec("websockets") is None \
-            and args.python == sys.executable:
-        print("error: the 'websockets' package is missing (pip install 'car-twisted[bench]', "
-              "or use 'tox -e bench'), or leave it out with --servers car,autobahn",
-              file=sys.stderr)
-        return 2
+    for name, needs in (("websockets", ("websockets",)),
+                        ("websockets-tuned", ("websockets", "uvloop", "orjson"))):
+        missing = [m for m in needs if importlib.util.find_spec(m) is None]
+        if name in args.servers and missing and args.python == sys.executable:
+            print(f"error: {', '.join(missing)} missing for {name} (pip install "
+                  f"'car-twisted[bench]', or use 'tox -e bench'), or leave it out with --servers",
+                  file=sys.stderr)
+            return 2
     ensure_node_modules(args.npm)
 
     server_cpus = args.server_cpus if args.pin else None
@@ -1003,6 +1741,9 @@ def main(argv: list[str] | None = None) -> int:
               f"other work on the machine will add noise", file=sys.stderr)
 
     token = secrets.token_hex(16)
+    if conns_scn:
+        return main_connections(args, env, token, Path(tempfile.mkdtemp(prefix="car-bench-logs-")),
+                                server_cpus, loadgen_cpus)
     host_token = secrets.token_hex(16)
     with_subscribers = runs_scn and (any(args.stalled_subscribers) or any(args.reading_subscribers))
     log_dir = Path(tempfile.mkdtemp(prefix="car-bench-logs-"))
