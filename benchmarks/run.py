@@ -1248,7 +1248,7 @@ def connections_round(rnd: int, args: argparse.Namespace, token: str, log_dir: P
         out["rss_start_kib"] = rss_kib(pid)
         out["probe_0"] = measured_loadgen(args, server, 1, 1, token, loadgen_cpus,
                                           "probe, 0 idle", seconds=args.probe_seconds)
-        out["idle_cpu_pct_0"] = _cpu_over(server, args.idle_seconds)
+        out["idle_cpu_pct_0"] = _cpu_over(server, min(args.idle_seconds, 5.0))
         out["rss_before_kib"] = rss_kib(pid)
         out["fds_before"] = fd_count(pid)
 
@@ -1623,9 +1623,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--probe-seconds", type=float, default=30.0,
                    help="with --scenario connections: measured seconds of each 1x1 probe "
                         "(default 30: the daemon pings every connection every 30 s)")
-    p.add_argument("--idle-seconds", type=float, default=5.0,
+    p.add_argument("--idle-seconds", type=float, default=30.0,
                    help="with --scenario connections: window for the daemon's CPU use while "
-                        "nothing is sent (default 5)")
+                        "nothing is sent, with the N idle connections held (default 30: every "
+                        "connection is pinged once in it; with 0 idle the window is at most 5 s)")
     p.add_argument("--settle", type=float, default=2.0,
                    help="with --scenario connections: seconds to wait before reading RSS "
                         "(default 2)")
