@@ -15,9 +15,29 @@ __all__ = ["iso_utc", "off_reactor"]
 R = TypeVar("R")
 
 
+class _Second:
+    """The last whole second formatted (every action result carries a timestamp)."""
+
+    whole = -1
+    text = ""
+
+
 def iso_utc(seconds: float) -> str:
-    """RFC 3339 UTC with a ``Z``, from a reactor clock reading."""
-    return datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc).isoformat().replace("+00:00", "Z")
+    """
+    RFC 3339 UTC with a ``Z``, from a reactor clock reading: the same text
+    as ``datetime.isoformat`` (microseconds only when not zero), with the
+    formatted second reused while the clock stays in it.
+    """
+    if seconds < 0:
+        return datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc).isoformat().replace("+00:00", "Z")
+    whole = int(seconds)
+    micro = round((seconds - whole) * 1_000_000)
+    if micro >= 1_000_000:
+        whole, micro = whole + 1, micro - 1_000_000
+    if _Second.whole != whole:
+        _Second.text = datetime.datetime.fromtimestamp(whole, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+        _Second.whole = whole
+    return f"{_Second.text}.{micro:06d}Z" if micro else f"{_Second.text}Z"
 
 
 def off_reactor(reactor: object, fn: Callable[..., R], *args: object) -> Deferred[R]:

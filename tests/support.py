@@ -61,6 +61,14 @@ def make_state(tmp_path: Path, clock: Any = None, **overrides: Any) -> ServerSta
     return ServerState(make_config(tmp_path, **overrides), clock or Clock())
 
 
+def stray_timers(clock: Any) -> list[Any]:
+    """
+    C{clock}'s pending calls but the dispatcher's progress-pulse timer,
+    which by design outlives the last answered request by up to one beat.
+    """
+    return [c for c in clock.getDelayedCalls() if getattr(c.func, "__name__", "") != "_beat"]
+
+
 def request(method: str, params: Any = None, rid: Any = 1) -> bytes:
     msg: dict[str, Any] = {"jsonrpc": "2.0", "id": rid, "method": method}
     if params is not None:

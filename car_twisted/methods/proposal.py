@@ -102,13 +102,17 @@ class ProposalMethods:
             policies=policies,
             session_id=p.session_id,
         )
-        def finish(result: ProposalResult) -> Deferred[ProposalResult]:
+        def finish(result: ProposalResult) -> ProposalResult | Deferred[ProposalResult]:
             if result.halted is not None:
                 runtime.halted = result.halted
             runtime.note_troubles(result.proposal_id, result.results, {a.id: a.tool or a.type for a in proposal.actions})
             # Record into the session's current run before answering, so
             # the trace is complete by the time the client sees the result.
-            d = ensureDeferred(self.state.runs.record_proposal(session, proposal, result))
+            # Without a run there is nothing to wait for.
+            runs = self.state.runs
+            if runs.current_run(session) is None:
+                return result
+            d = ensureDeferred(runs.record_proposal(session, proposal, result))
             return d.addCallback(lambda _: result)
 
         return engine.run(proposal).addCallback(finish)

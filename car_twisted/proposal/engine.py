@@ -361,9 +361,16 @@ class _Execution:
             if aid not in self.waiting:
                 continue
             del self.waiting[aid]
-            d = Deferred.fromCoroutine(self._run(self.actions[aid]))
-            self.running[aid] = d
-            d.addBoth(self._finished, aid)
+            try:
+                pending = self._run(self.actions[aid])
+            except Exception:
+                self._finished(Failure(), aid)
+                continue
+            if pending is None:
+                self._finished(None, aid)  # a state action, or refused before any call
+            else:
+                self.running[aid] = pending
+                pending.addBoth(self._finished, aid)
 
     def _finished(self, outcome: None | Failure, aid: str) -> None:
         self.running.pop(aid, None)
@@ -412,7 +419,10 @@ class _Execution:
         if self.halted is not None:
             self._rollback()
         results = tuple(self.results[a.id] for a in self.proposal.actions)
-        counts = {s: sum(1 for r in results if r.status == s) for s in ("succeeded", "failed", "rejected", "skipped")}
+        counts = dict.fromkeys(("succeeded", "failed", "rejected", "skipped"), 0)
+        for r in results:
+            if r.status in counts:
+                counts[r.status] += 1
         cost = {
             "tool_calls": self.engine.tool_calls,
             "actions_executed": counts["succeeded"] + counts["failed"],
@@ -425,83 +435,114 @@ class _Execution:
 
     # -- one action ------------------------------------------------------------------
 
-    async def _run(self, a: Action) -> None:
+    # Plain callbacks rather than a coroutine per action: a tool call is one
+    # Deferred (the executor's) with this execution's callbacks on it, and
+    # a state action or a refusal finishes without any.
+
+    def _run(self, a: Action) -> Deferred[None] | None:
+        """Run C{a}: None when it finished now, else the Deferred of its tool call."""
         engine, res = self.engine, self.results[a.id]
-        state = engine.state
         began = engine.clock.seconds()
         res.timestamp = iso_utc(began)
         res.status = "executing"
         try:
-            hit = first_violation(
-                (p for p in engine.policies if p.rule not in _STATIC_RULES), a, state
-            )
-            if hit is not None:
-                res.status, res.error = "rejected", f"denied by policy '{hit[0].name}' ({hit[1]})"
-                return
-            failed_pre = next((p for p in a.preconditions if not holds(p, state)), None)
-            if failed_pre is not None and a.type != "assertion":
-                res.status, res.error = "rejected", f"precondition failed: {failed_pre.describe()}"
-                return
-            if a.type == "tool_call":
-                await self._tool_call(a, res)
-            elif a.type == "state_write":
-                # Action.parse checks that state actions name a string key.
-                key, value = cast(str, a.parameters["key"]), a.parameters.get("value")
-                self._write(key, value)
-                res.output, res.state_changes = value, {key: value}
-                res.status = "succeeded"
-            elif a.type == "state_read":
-                res.output = state.get(cast(str, a.parameters["key"]))
-                res.status = "succeeded"
-            else:
-                checks = list(a.preconditions)
-                if "key" in a.parameters:
-                    checks.insert(0, Precondition.parse(a.parameters, f"actions.{a.id}.parameters"))
-                bad = next((c for c in checks if not holds(c, state)), None)
-                if bad is None:
-                    res.status, res.output = "succeeded", True
-                else:
-                    res.status, res.error = "failed", f"assertion failed: {bad.describe()}"
-            if res.status == "succeeded" and a.expected_effects:
-                for key, value in a.expected_effects.items():
-                    self._write(key, value)
-                res.state_changes = {**res.state_changes, **a.expected_effects}
-        finally:
-            res.duration_ms = round((engine.clock.seconds() - began) * 1000.0, 3)
+            pending = self._execute(a, res)
+        except BaseException:
+            self._took(res, began)
+            raise
+        if pending is None:
+            self._settled(None, a, res, began)
+            return None
+        return pending.addBoth(self._settled, a, res, began)
 
-    async def _tool_call(self, a: Action, res: ActionResult) -> None:
+    def _took(self, res: ActionResult, began: float) -> None:
+        res.duration_ms = round((self.engine.clock.seconds() - began) * 1000.0, 3)
+
+    def _settled(self, outcome: None | Failure, a: Action, res: ActionResult, began: float) -> None | Failure:
+        if outcome is None and res.status == "succeeded" and a.expected_effects:
+            for key, value in a.expected_effects.items():
+                self._write(key, value)
+            res.state_changes = {**res.state_changes, **a.expected_effects}
+        self._took(res, began)
+        return outcome
+
+    def _execute(self, a: Action, res: ActionResult) -> Deferred[None] | None:
         engine = self.engine
-        executor = engine.executor
+        state = engine.state
+        hit = first_violation((p for p in engine.policies if p.rule not in _STATIC_RULES), a, state)
+        if hit is not None:
+            res.status, res.error = "rejected", f"denied by policy '{hit[0].name}' ({hit[1]})"
+            return None
+        failed_pre = next((p for p in a.preconditions if not holds(p, state)), None)
+        if failed_pre is not None and a.type != "assertion":
+            res.status, res.error = "rejected", f"precondition failed: {failed_pre.describe()}"
+            return None
+        if a.type == "tool_call":
+            return self._tool_call(a, res)
+        if a.type == "state_write":
+            # Action.parse checks that state actions name a string key.
+            key, value = cast(str, a.parameters["key"]), a.parameters.get("value")
+            self._write(key, value)
+            res.output, res.state_changes = value, {key: value}
+            res.status = "succeeded"
+        elif a.type == "state_read":
+            res.output = state.get(cast(str, a.parameters["key"]))
+            res.status = "succeeded"
+        else:
+            checks = list(a.preconditions)
+            if "key" in a.parameters:
+                checks.insert(0, Precondition.parse(a.parameters, f"actions.{a.id}.parameters"))
+            bad = next((c for c in checks if not holds(c, state)), None)
+            if bad is None:
+                res.status, res.output = "succeeded", True
+            else:
+                res.status, res.error = "failed", f"assertion failed: {bad.describe()}"
+        return None
+
+    def _tool_call(self, a: Action, res: ActionResult) -> Deferred[None] | None:
+        executor = self.engine.executor
         if a.invocation_mode != "one_shot" and not getattr(executor, "supports_detached", False):
             res.status = "failed"
             res.error = (
                 f"tool executor does not support streaming/long-running invocation "
                 f"('{a.invocation_mode}' for tool '{a.tool}')"
             )
-            return
+            return None
         if executor is None:
             res.status = "failed"
             res.error = f"no tool executor serves this connection (tool '{a.tool}')"
-            return
-        for attempt in range(1, a.attempts + 1):
-            res.attempts = attempt
-            if attempt > 1:
-                engine.retries += 1
-            engine.tool_calls += 1
-            call = ToolCall(a.id, a.tool or "", a.parameters, a.timeout_ms, attempt, engine.session_id)
-            try:
-                res.output = await executor.execute(call)
-            except ToolError as e:
-                res.error = e.message
-                if e.terminal:
-                    # The client says no retry can help: abort and roll the
-                    # proposal back whatever failure_behavior says, and halt
-                    # the session (see ProposalMethods).
-                    self.halted = {"action_id": a.id, "reason": e.message}
-                    break
-                if e.kind == "disconnected":
-                    break
-                continue
-            res.status, res.error = "succeeded", None
-            return
+            return None
+        return self._attempt(executor, a, res, 1)
+
+    def _attempt(self, executor: IToolExecutor, a: Action, res: ActionResult, attempt: int) -> Deferred[None]:
+        engine = self.engine
+        res.attempts = attempt
+        if attempt > 1:
+            engine.retries += 1
+        engine.tool_calls += 1
+        call = ToolCall(a.id, a.tool or "", a.parameters, a.timeout_ms, attempt, engine.session_id)
+        d: Deferred[JsonValue] = executor.execute(call)
+        return d.addCallbacks(
+            _tool_succeeded, self._tool_failed, callbackArgs=(res,), errbackArgs=(executor, a, res, attempt)
+        )
+
+    def _tool_failed(
+        self, failure: Failure, executor: IToolExecutor, a: Action, res: ActionResult, attempt: int
+    ) -> Deferred[None] | None:
+        failure.trap(ToolError)  # anything else (a cancel, a bug) ends the action as a crash
+        e = cast(ToolError, failure.value)
+        res.error = e.message
+        if e.terminal:
+            # The client says no retry can help: abort and roll the
+            # proposal back whatever failure_behavior says, and halt the
+            # session (see ProposalMethods).
+            self.halted = {"action_id": a.id, "reason": e.message}
+        elif e.kind != "disconnected" and attempt < a.attempts:
+            return self._attempt(executor, a, res, attempt + 1)
         res.status = "failed"
+        return None
+
+
+def _tool_succeeded(output: JsonValue, res: ActionResult) -> None:
+    res.output = output
+    res.status, res.error = "succeeded", None

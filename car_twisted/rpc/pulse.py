@@ -6,8 +6,10 @@ it (180 s for ``infer``), but keeps waiting as long as an ``infer.progress
 {id}`` notification names that request, whatever the method.  A call held
 on the approval gate, a proposal running its actions, or a slow tool
 callback can all outlast 30 s, so every pending request hears one pulse
-per ``PULSE_SECS``.  One timer serves the whole daemon, and it runs only
-while something is pending.
+per ``PULSE_SECS``.  One timer serves the whole daemon: started by the
+first pending request, it stops at the first beat that finds nothing
+pending (not when the last request is answered: a busy daemon would
+otherwise schedule and cancel a timer for every request).
 """
 
 from __future__ import annotations
@@ -58,10 +60,12 @@ class ProgressPulse:
     def discard(self, key: int) -> None:
         """The request was answered (or its connection went): stop pulsing."""
         self._pending.pop(key, None)
-        if not self._pending and self._timer is not None:
-            if self._timer.active():
-                self._timer.cancel()
-            self._timer = None
+
+    def stop(self) -> None:
+        """Cancel the timer (the daemon is going away)."""
+        timer, self._timer = self._timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
 
     def _beat(self) -> None:
         self._timer = None

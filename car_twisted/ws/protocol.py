@@ -483,6 +483,7 @@ class CarServerFactory(WebSocketServerFactory):
         reaper, self._reaper = self._reaper, None
         if reaper is not None and reaper.running:
             reaper.stop()
+        self.dispatcher.pulse.stop()
         super().stopFactory()
 
     def origin_allowed(self, origin: str) -> bool:

@@ -59,24 +59,22 @@ class WsToolExecutor:
 
 
 class _Attempt:
-    """One ``tools.execute`` call: its request, its timeout and how it ends."""
+    """
+    One ``tools.execute`` call: its request, its timeout and how it ends.
+    The request's own Deferred is the call's: a reply is its result, and
+    every failure becomes a ``ToolError`` (or stays a cancellation).
+    """
 
     _log = Logger()
+    __slots__ = ("call", "executor", "channel", "request_id", "wait")
 
     def __init__(self, executor: WsToolExecutor, call: ToolCall) -> None:
         self.call = call
         self.executor = executor
         self.channel = executor.channel
-        self.clock = executor.clock
         self.request_id = self.channel.next_id("cb")
-        if call.timeout_ms is not None:
-            self.wait = call.timeout_ms / 1000.0
-            self.timeout_reason = f"tool '{call.tool}' exceeded its timeout_ms ({call.timeout_ms}ms)"
-        else:
-            self.wait = executor.default_timeout_ms / 1000.0
-            self.timeout_reason = f"tool '{call.tool}' callback timed out ({self.wait:g}s)"
-        self.result: Deferred[JsonValue] = Deferred(self._cancelled)
-        self.pending: Deferred[JsonValue] | None = None
+        timeout_ms = call.timeout_ms if call.timeout_ms is not None else executor.default_timeout_ms
+        self.wait = timeout_ms / 1000.0
 
     def run(self) -> Deferred[JsonValue]:
         call = self.call
@@ -92,59 +90,52 @@ class _Attempt:
         if call.session_id is not None:
             params["session_id"] = call.session_id
         pending = self.channel.request("tools.execute", params, timeout=None, request_id=self.request_id)
-        self.pending = pending
-        pending.addTimeout(self.wait, self.clock)
-        pending.addCallbacks(self._answered, self._failed)
-        return self.result
+        pending.addTimeout(self.wait, self.executor.clock)
+        return pending.addErrback(self._failed)
 
     # -- how it ends ---------------------------------------------------------------
 
-    def _answered(self, value: JsonValue) -> None:
-        if not self.result.called:
-            self.result.callback(value)
-
-    def _failed(self, failure: Failure) -> None:
-        if self.result.called:
-            return  # already settled: we gave up ourselves
+    def _failed(self, failure: Failure) -> Failure:
         handle = self._handlers.get(failure.check(*self._handlers))
         if handle is None:
             self._log.failure("tools.execute callback failed", failure=failure)
-            self.result.errback(ToolError(f"tool '{self.call.tool}' failed"))
-        else:
-            handle(self, failure.value)  # type: ignore[arg-type]  # a Failure always holds its exception
+            return Failure(ToolError(f"tool '{self.call.tool}' failed"))
+        return handle(self, failure)
 
-    def _timed_out(self, exc: BaseException) -> None:
+    def _timed_out(self, failure: Failure) -> Failure:
+        call = self.call
         if self.executor.stats is not None:
             self.executor.stats.callback_timeouts += 1
-        self._give_up(self.timeout_reason)
-        self.result.errback(ToolError(self.timeout_reason, kind="timeout"))
+        if call.timeout_ms is not None:
+            reason = f"tool '{call.tool}' exceeded its timeout_ms ({call.timeout_ms}ms)"
+        else:
+            reason = f"tool '{call.tool}' callback timed out ({self.wait:g}s)"
+        self._give_up(reason)
+        return Failure(ToolError(reason, kind="timeout"))
 
-    def _disconnected(self, exc: BaseException) -> None:
-        self.result.errback(ToolError(f"tool '{self.call.tool}': client disconnected", kind="disconnected"))
+    def _disconnected(self, failure: Failure) -> Failure:
+        return Failure(ToolError(f"tool '{self.call.tool}': client disconnected", kind="disconnected"))
 
-    def _refused(self, exc: BaseException) -> None:
+    def _refused(self, failure: Failure) -> Failure:
+        exc = failure.value
         assert isinstance(exc, ClientRpcError)
-        self.result.errback(client_error(self.call.tool, exc))
+        return Failure(client_error(self.call.tool, exc))
 
-    def _unencodable(self, exc: BaseException) -> None:
-        self.result.errback(ToolError(f"tool '{self.call.tool}': {exc}", kind="unsupported"))
+    def _unencodable(self, failure: Failure) -> Failure:
+        return Failure(ToolError(f"tool '{self.call.tool}': {failure.value}", kind="unsupported"))
 
-    def _ignore(self, exc: BaseException) -> None:
-        """The request was cancelled by our own ``_cancelled``."""
+    def _cancelled(self, failure: Failure) -> Failure:
+        """Cancelled from outside (the handler deadline): the request is forgotten; tell the client."""
+        self._give_up(f"tool '{self.call.tool}' call cancelled by the daemon")
+        return failure
 
-    _handlers: dict[type[BaseException], Callable[[_Attempt, BaseException], None]] = {
+    _handlers: dict[type[BaseException], Callable[[_Attempt, Failure], Failure]] = {
         TimeoutError: _timed_out,
         ChannelClosed: _disconnected,
         ClientRpcError: _refused,
         CallbackUnencodable: _unencodable,
-        CancelledError: _ignore,
+        CancelledError: _cancelled,
     }
-
-    def _cancelled(self, result: Deferred[JsonValue]) -> None:
-        """Cancelled from outside (the handler deadline): forget the request and tell the client."""
-        if self.pending is not None and not self.pending.called:
-            self.pending.cancel()
-        self._give_up(f"tool '{self.call.tool}' call cancelled by the daemon")
 
     def _give_up(self, reason: str) -> None:
         # Forgotten first (a late reply finds nothing), then the client is

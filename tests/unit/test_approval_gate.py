@@ -9,7 +9,7 @@ import pytest
 from twisted.internet.task import Clock
 
 from car_twisted.host.gate import ApprovalGate
-from support import HOST_TOKEN, TOKEN, DispatchConn, make_state, request
+from support import HOST_TOKEN, TOKEN, DispatchConn, make_state, request, stray_timers
 
 
 def gated_state(tmp_path, clock, **gate):
@@ -66,7 +66,7 @@ def test_approved_call_runs(tmp_path, clock):
     assert reply_to(caller, rid)["result"] == {"wiped": True} and ran == [{"target": "cache"}]
     (resolved,) = events(watcher)
     assert resolved["kind"] == "approval.resolved" and resolved["payload"]["approval"]["status"] == "approved"
-    assert clock.getDelayedCalls() == []
+    assert stray_timers(clock) == []
 
 
 def test_denied_call_is_32003_and_the_connection_goes_on(tmp_path, clock):
@@ -92,7 +92,7 @@ def test_unanswered_call_times_out(tmp_path, clock):
     err = reply_to(caller, rid)["error"]
     assert err["code"] == -32003 and "not approved within 5s" in err["message"] and ran == []
     assert caller.result("host.approvals", {})["approvals"][0]["status"] == "expired"
-    assert clock.getDelayedCalls() == []
+    assert stray_timers(clock) == []
 
 
 @pytest.mark.parametrize("off", ["config", "environ", "option"])
@@ -126,7 +126,7 @@ def test_parked_caller_that_leaves_leaves_no_timer(tmp_path, clock):
     assert state.host.parked_count() == 1 and clock.getDelayedCalls()
     caller.close()
     assert state.host.parked_count() == 0
-    assert clock.getDelayedCalls() == [] and ran == []
+    assert stray_timers(clock) == [] and ran == []
     (row,) = state.host.approvals.values()
     assert row.status == "cancelled"
 

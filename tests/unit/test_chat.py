@@ -9,7 +9,7 @@ from zope.interface import implementer
 
 from car_twisted.host.chat import CHAT_ACK_TIMEOUT_SECS
 from car_twisted.interfaces import IAgentIdentities
-from support import HOST_TOKEN, TOKEN, DispatchConn, make_state, request
+from support import HOST_TOKEN, TOKEN, DispatchConn, make_state, request, stray_timers
 
 
 @implementer(IAgentIdentities)
@@ -107,7 +107,7 @@ def test_agent_not_attached_or_not_accepting(state, clock):
     rid, call = start_chat(host, agent)
     clock.advance(CHAT_ACK_TIMEOUT_SECS)
     assert "no answer within 10s" in reply(host, rid, frames(host))["error"]["message"]
-    assert clock.getDelayedCalls() == []
+    assert stray_timers(clock) == []
 
 
 def test_params_are_validated(state):

@@ -14,7 +14,7 @@ from car_twisted.config import AdapterRegistration
 from car_twisted.errors import RpcError
 from car_twisted.interfaces import IBinaryReceiver, IClientSession
 from car_twisted.rpc.dispatch import Dispatcher
-from support import TOKEN, FakeSink, make_state, request
+from support import TOKEN, FakeSink, make_state, request, stray_timers
 
 
 @attrs.frozen
@@ -197,7 +197,7 @@ def test_handler_deadline(tmp_path):
     assert reply["error"]["data"] == {"method": "t.async", "deadline_secs": 10.0}
     assert h.waiting["k"].called  # cancelled
     assert h.session.in_flight == 0
-    assert h.clock.getDelayedCalls() == []
+    assert stray_timers(h.clock) == []
 
 
 def test_per_method_deadline(tmp_path):
@@ -341,8 +341,33 @@ def test_pending_requests_hear_a_progress_pulse(tmp_path):
     h.waiting["b"].callback(1)
     h.waiting["note"].callback(None)
     h.replies()
-    assert h.clock.getDelayedCalls() == []
     assert len(h.dispatcher.pulse) == 0
+    # The timer runs out at the next beat that finds nothing pending.
+    h.clock.advance(9.0)
+    assert h.replies() == []
+    assert h.clock.getDelayedCalls() == []
+
+
+def test_one_pulse_timer_serves_a_stream_of_requests(tmp_path):
+    """Requests answered one after another do not schedule (and cancel) a pulse timer each."""
+    h = Harness(tmp_path, handler_timeout=100.0)
+    scheduled = []
+    original = h.clock.callLater
+
+    def counting(delay, f, *a, **kw):
+        if getattr(f, "__name__", "") == "_beat":
+            scheduled.append(delay)
+        return original(delay, f, *a, **kw)
+
+    h.clock.callLater = counting
+    for i in range(100):
+        h.send(request("t.wait", {"key": f"k{i}"}, i))
+        h.waiting[f"k{i}"].callback(i)
+        h.clock.advance(0.05)
+    assert len(h.replies()) == 100
+    assert scheduled == [9.0]
+    h.dispatcher.pulse.stop()
+    assert h.clock.getDelayedCalls() == []
 
 
 def test_pulse_skips_a_paused_reader_and_forgets_a_closed_one(tmp_path):

@@ -11,7 +11,7 @@ from car_twisted.rpc.dispatch import Dispatcher
 from car_twisted.runs.model import MAX_TURN_BYTES, RECORD_TURNS_RUN_CEILING, bound_turn
 from car_twisted.runs.registry import SUBSCRIBER_BACKLOG_BYTES
 from car_twisted.runs.store import JsonlRunStore, read_records
-from support import HOST_TOKEN, TOKEN, FakeSink, make_state, request
+from support import HOST_TOKEN, TOKEN, FakeSink, make_state, request, stray_timers
 
 
 class Conn:
@@ -189,7 +189,7 @@ def test_disconnect_marks_incomplete_exactly_at_the_grace(state, clock, tmp_path
     # Reconnect and complete after the grace: already terminal.
     b = Conn(state, "ag-1")
     assert "already terminal" in b.call("runs.complete", {"run_id": run_id, "outcome": {}})["error"]["message"]
-    assert clock.getDelayedCalls() == []
+    assert stray_timers(clock) == []
 
 
 def test_complete_inside_the_grace_cancels_it(state, clock):
@@ -199,7 +199,7 @@ def test_complete_inside_the_grace_cancels_it(state, clock):
     clock.advance(2)
     b = Conn(state, "ag-1")  # the agent reconnects
     assert b.result("runs.complete", {"run_id": run_id, "outcome": {"ok": 1}})["ok"]
-    assert clock.getDelayedCalls() == []
+    assert stray_timers(clock) == []
     clock.advance(10)
     assert state.runs.runs[run_id].status == "completed"
 

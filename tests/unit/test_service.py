@@ -13,6 +13,7 @@ from twisted.logger import globalLogPublisher
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
+from car_twisted.web.service import DashboardService
 from car_twisted.daemon import CarDaemonService, DaemonFilesService
 from car_twisted.endpoints import ListenerEndpoint
 from car_twisted.service import CarService, EnginesService, make_car_service
@@ -120,17 +121,22 @@ def test_daemon_exits_nonzero_when_a_listener_fails_late(tmp_path, capsys):
 
 
 def test_daemon_is_files_then_the_embedders_service(tmp_path):
-    """The daemon's children: the files service (started first, stopped last), then a CarService."""
+    """
+    The daemon's children: the files service (started first, stopped last),
+    then a CarService, then the dashboard on port + 1.
+    """
     reactor = MemoryReactorClock()
     daemon = CarDaemonService(make_state(tmp_path, reactor), reactor, None, port=9100)
-    first, second = list(daemon)
+    first, second, third = list(daemon)
     assert isinstance(first, DaemonFilesService) and isinstance(second, CarService)
+    assert isinstance(third, DashboardService)
     daemon.startService()
     try:
         assert first.primary
-        (tcp,) = reactor.tcpServers
+        ws, http = reactor.tcpServers
         (unix,) = reactor.unixServers
-        assert tcp[0] == 9100 and unix[0].endswith("run/car-server.sock")
+        assert ws[0] == 9100 and unix[0].endswith("run/car-server.sock")
+        assert http[0] == 9101 and http[3] == "127.0.0.1"
     finally:
         daemon.stopService()
     assert not first.lock.held

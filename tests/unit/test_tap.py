@@ -57,8 +57,9 @@ def test_make_service_defaults(tmp_path, monkeypatch):
     assert isinstance(service, CarDaemonService)
     service.startService()
     try:
-        (tcp,) = reactor.tcpServers
+        tcp, http = reactor.tcpServers
         assert tcp[0] == 9100 and tcp[3] == "127.0.0.1"
+        assert http[0] == 9101 and http[3] == "127.0.0.1"  # the dashboard
         (unix,) = reactor.unixServers
         assert unix[0] == str(tmp_path / "home" / "run" / "car-server.sock")
         assert unix[3] == 0o600
