@@ -39,6 +39,8 @@ _STATIC = {
     b"": ("index.html", b"text/html; charset=utf-8"),
     b"app.js": ("app.js", b"text/javascript; charset=utf-8"),
     b"surface.js": ("surface.js", b"text/javascript; charset=utf-8"),
+    b"rpc.js": ("rpc.js", b"text/javascript; charset=utf-8"),
+    b"svg.js": ("svg.js", b"text/javascript; charset=utf-8"),
     b"app.css": ("app.css", b"text/css; charset=utf-8"),
 }
 _CSP = (
