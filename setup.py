@@ -41,6 +41,7 @@ setup(
             "pytest-twisted>=1.14,<2",
             "hypothesis>=6.100,<7",
             "selenium>=4.20,<5",
+            "websockets>=12,<18",
         ],
         "interop": ["car-runtime==0.58.0"],
         "bench": ["websockets>=12,<18", "uvloop>=0.21,<0.24; sys_platform != 'win32'"],
