@@ -313,9 +313,18 @@ class Browser:
         return int(self.js("return document.querySelectorAll(arguments[0]).length;", selector))
 
     def click(self, selector: str) -> None:
+        """Click the element C{selector} finds (found again if the page redrew it meanwhile)."""
+        from selenium.common.exceptions import StaleElementReferenceException
         from selenium.webdriver.common.by import By
 
-        self.driver.find_element(By.CSS_SELECTOR, selector).click()
+        for attempt in range(5):
+            try:
+                self.driver.find_element(By.CSS_SELECTOR, selector).click()
+                return
+            except StaleElementReferenceException:
+                if attempt == 4:
+                    raise
+                time.sleep(0.05)
 
     def tab(self, view: str) -> None:
         self.click(f'#tabs button[data-view="{view}"]')

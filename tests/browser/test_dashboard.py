@@ -184,6 +184,8 @@ def test_c_a_run_s_turns_arrive_live(page):
         b.wait(lambda: b.count('#trace-turns [data-testid="turn"]') == i + 1, 10, f"turn {i} to arrive")
         assert b.text(f'#trace-turns [data-turn-index="{i}"] .turn-prompt') == f"step {i}: <b>not markup</b>"
         assert b.count('#trace-timeline rect[data-testid="timeline-bar"]') == i + 1
+    # The run's row in the list follows the trace.
+    b.wait(lambda: b.text(f'{row} [data-testid="run-turns"]') == "7", 5, "the row's turn count")
     # Turn text is text, never markup.
     assert b.count("#trace-turns b") == 0
     # The timeline is a picture on a time axis: bars left to right in start order, an error bar marked.
@@ -368,6 +370,66 @@ def test_f_a_surface_button_sends_a2ui_action_to_a_subscriber(page):
     b.wait(lambda: b.text(f'{card} [data-component-id="state"]') == "deploying", 10, "the live update")
     publisher.call("a2ui.apply", {"version": "v0.9", "deleteSurface": {"surfaceId": "deploy-1"}})
     b.wait(lambda: b.count(card) == 0, 10, "the deleted surface to go")
+
+
+def test_the_rest_of_the_catalog_renders(page):
+    """Every advertised component draws something (media only named: the page loads nothing from elsewhere)."""
+    b = page.browser
+    publisher = page.agent_client("recorder")
+    components = [
+        {"id": "root", "component": "Column", "children": [
+            "tabs", "pick", "select", "slider", "when", "pic", "icon", "video", "audio", "chart", "file", "picker",
+            "gap", "modal"]},
+        {"id": "tabs", "component": "Tabs", "tabs": [{"title": "One", "child": "one"}, {"title": "Two", "child": "two"}]},
+        {"id": "one", "component": "Text", "text": "first tab"},
+        {"id": "two", "component": "Text", "text": "second tab"},
+        {"id": "pick", "component": "ChoicePicker", "label": "Regions", "variant": "multipleSelection",
+         "options": [{"label": "EU", "value": "eu"}, {"label": "US", "value": "us"}], "value": {"path": "/regions"}},
+        {"id": "select", "component": "Select", "label": "Size", "options": ["s", "m", "l"], "value": {"path": "/size"}},
+        {"id": "slider", "component": "Slider", "label": "Replicas", "min": 1, "max": 9, "value": {"path": "/replicas"}},
+        {"id": "when", "component": "DateTimeInput", "label": "When", "enableDate": True, "value": {"path": "/day"}},
+        {"id": "pic", "component": "Image", "url": "https://example.invalid/cat.png", "altText": "a cat"},
+        {"id": "icon", "component": "Icon", "name": "rocket"},
+        {"id": "video", "component": "Video", "url": "https://example.invalid/v.mp4"},
+        {"id": "audio", "component": "AudioPlayer", "url": "https://example.invalid/a.mp3", "description": "briefing"},
+        {"id": "chart", "component": "Chart", "title": "Load", "data": [3, 5, 2, 8]},
+        {"id": "file", "component": "File", "name": "report.pdf"},
+        {"id": "picker", "component": "FilePicker", "label": "Attach"},
+        {"id": "gap", "component": "Spacer"},
+        {"id": "modal", "component": "Modal", "trigger": "open", "content": "inside"},
+        {"id": "open", "component": "Button", "child": "open-label", "action": {"event": {"name": "noop"}}},
+        {"id": "open-label", "component": "Text", "text": "Details"},
+        {"id": "inside", "component": "Text", "text": "modal content"},
+    ]
+    for message in (
+        {"version": "v0.9", "createSurface": {"surfaceId": "catalog"}},
+        {"version": "v0.9", "updateComponents": {"surfaceId": "catalog", "components": components}},
+        {"version": "v0.9", "updateDataModel": {"surfaceId": "catalog", "value": {
+            "regions": ["us"], "size": "m", "replicas": 3, "day": "2026-12-24"}}},
+    ):
+        publisher.call("a2ui.apply", message)
+    b.tab("surfaces")
+    card = '#surfaces-list [data-surface-id="catalog"]'
+    b.wait(lambda: b.count(card) == 1, 10, "the catalog surface")
+    drawn = set(b.js("return Array.from(document.querySelectorAll(arguments[0]), e => e.dataset.component);",
+                     f"{card} [data-component]"))
+    assert drawn >= {c["component"] for c in components}
+    assert b.count(f"{card} .a2-missing, {card} .a2-unsupported") == 0
+    assert b.count(f"{card} img") == 0  # not a data: image: named, not loaded
+    assert "a cat" in b.text(f'{card} [data-component-id="pic"]')
+    assert b.js("return document.querySelector(arguments[0]).value;", f'{card} [data-component-id="slider"] input') == "3"
+    assert b.js("return Array.from(document.querySelector(arguments[0]).selectedOptions, o => o.value);",
+                f'{card} [data-component-id="pick"] select') == ["us"]
+    assert b.count(f'{card} [data-component-id="chart"] rect') == 4
+    assert b.text(f'{card} [data-component-id="tabs"] .a2-tab-panel') == "first tab"
+    b.click(f'{card} [data-component-id="tabs"] .a2-tab:nth-child(2)')
+    b.wait(lambda: b.text(f'{card} [data-component-id="tabs"] .a2-tab-panel') == "second tab", 5, "the second tab")
+    b.click(f'{card} [data-component-id="modal"] .a2-modal-trigger button')
+    b.wait(lambda: b.js("return document.querySelector(arguments[0]).open;", f'{card} [data-component-id="modal"] dialog'),
+           5, "the modal")
+    b.click(f'{card} [data-component-id="modal"] .a2-dialog-close')
+    publisher.call("a2ui.apply", {"version": "v0.9", "deleteSurface": {"surfaceId": "catalog"}})
+    b.wait(lambda: b.count(card) == 0, 10, "the surface to go")
 
 
 # -- events, the chart, logout ------------------------------------------------------------------------

@@ -28,6 +28,7 @@ const state = {
   session: null,
   rpc: null,
   loggedOut: false,
+  loggingOut: false,
   reconnectDelay: 500,
   view: "agents",
   agents: [],
@@ -192,7 +193,7 @@ async function connect() {
   rpc.on("a2ui.event", onA2uiEvent);
   rpc.onClose((ev) => {
     if (state.rpc === rpc) state.rpc = null;
-    if (state.loggedOut) return;
+    if (state.loggedOut || state.loggingOut) return;
     setConnection(`disconnected (${ev.code}${ev.reason ? `: ${ev.reason}` : ""})`, "closed");
     reconnectLater();
   });
@@ -226,7 +227,7 @@ async function connect() {
 }
 
 async function reconnectLater() {
-  if (state.loggedOut) return;
+  if (state.loggedOut || state.loggingOut) return;
   // A socket refused at the upgrade may mean the session is gone.
   try {
     const res = await fetch("/api/session", { credentials: "same-origin", cache: "no-store" });
@@ -267,10 +268,18 @@ async function refreshAgents(force = false) {
   }
 }
 
+// What a view last drew, so that a poll bringing nothing new leaves the
+// DOM (and a button under the pointer) alone.
+const drawn = { agents: null, runs: null };
+
 function renderAgents() {
   const body = $("agents-table").querySelector("tbody");
+  const shown = state.agents.slice(0, 100);
+  const signature = JSON.stringify([shown, shown.map((a) => state.agentLogs.get(a.id) || [])]);
+  if (signature === drawn.agents) return;
+  drawn.agents = signature;
   const rows = [];
-  for (const agent of state.agents.slice(0, 100)) {
+  for (const agent of shown) {
     const tr = el("tr", { attrs: { "data-agent-id": agent.id } });
     const name = el("td", { className: "agent-id" });
     name.appendChild(el("strong", { text: agent.id }));
@@ -344,6 +353,9 @@ async function refreshRuns(force = false) {
 function renderRuns() {
   const body = $("runs-table").querySelector("tbody");
   const current = state.trace ? state.trace.runId : null;
+  const signature = JSON.stringify([state.runs.rows, state.runs.total, state.runs.offset, current]);
+  if (signature === drawn.runs) return;
+  drawn.runs = signature;
   const rows = state.runs.rows.map((run) => {
     const tr = el("tr", { className: run.run_id === current ? "selected" : "", attrs: { "data-run-id": run.run_id, tabindex: 0 } });
     tr.appendChild(td(when(run.started_at).slice(5), "time"));
@@ -431,8 +443,17 @@ function onTraceEvent(params) {
     trace.status = record.status || params.status;
     trace.live = false;
   }
+  // The run's row in the list follows too.
+  const row = state.runs.rows.find((r) => r.run_id === trace.runId);
+  if (row) {
+    row.status = trace.status;
+    row.turn_count = trace.firstIndex + trace.turns.length;
+    renderRunsSoon();
+  }
   renderTraceSoon();
 }
+
+const renderRunsSoon = throttled(() => renderRuns(), 250);
 
 function turnPages(trace) {
   return Math.max(1, Math.ceil(trace.turns.length / TURNS_PER_PAGE));
@@ -511,6 +532,8 @@ function selectTurn(index) {
 
 // -- approvals ----------------------------------------------------------------------------------
 
+let approvalCards = new Map();
+
 function renderApprovals() {
   const all = Array.from(state.approvals.values());
   const pending = all.filter((a) => a.status === "pending").sort((a, b) => String(a.created_at).localeCompare(String(b.created_at)));
@@ -520,7 +543,17 @@ function renderApprovals() {
   $("approvals-count").textContent = String(pending.length);
   $("approvals-count").classList.toggle("hot", pending.length > 0);
   $("approvals-empty").hidden = pending.length > 0;
-  $("approvals-pending").replaceChildren(...pending.slice(0, 200).map(approvalCard));
+  // Cards are kept by id: a card's notes and buttons survive other approvals coming and going.
+  const cards = [];
+  const keep = new Map();
+  for (const approval of pending.slice(0, 200)) {
+    const card = approvalCards.get(approval.id) || approvalCard(approval);
+    keep.set(approval.id, card);
+    cards.push(card);
+  }
+  approvalCards = keep;
+  const box = $("approvals-pending");
+  if (cards.length !== box.children.length || cards.some((card, i) => box.children[i] !== card)) box.replaceChildren(...cards);
   const body = $("approvals-resolved").querySelector("tbody");
   body.replaceChildren(...resolved.map((a) => {
     const tr = el("tr", { attrs: { "data-approval-id": a.id } });
@@ -961,6 +994,8 @@ function renderStats() {
 
 async function logout() {
   $("logout").disabled = true;
+  // The daemon closes the page's socket while it answers: that close is expected.
+  state.loggingOut = true;
   try {
     const res = await fetch("/logout", {
       method: "POST",
@@ -972,8 +1007,10 @@ async function logout() {
     if (state.rpc) state.rpc.close(1000, "logged out");
     showLoggedOut("Logged out", "The session is closed and its socket with it.");
   } catch (err) {
+    state.loggingOut = false;
     banner(`Logout failed: ${errorText(err)}`);
     $("logout").disabled = false;
+    if (state.rpc === null) reconnectLater();
   }
 }
 

@@ -152,7 +152,7 @@ export function drawTimeline(root, turns, { runStart = null, onSelect = null, se
     const left = 8;
     const plotW = width - 16;
     const laneEnds = [];
-    const laneHeight = 14;
+    const laneHeight = 18;
     const maxLanes = 8;
     const placed = spans.map((s) => {
       let lane = laneEnds.findIndex((end) => end <= s.start);
@@ -163,7 +163,7 @@ export function drawTimeline(root, turns, { runStart = null, onSelect = null, se
       return { ...s, lane };
     });
     const lanes = Math.max(1, laneEnds.length);
-    height = 24 + lanes * (laneHeight + 4);
+    height = 26 + lanes * (laneHeight + 4);
     const scale = plotW / (t1 - t0);
     for (const p of placed) {
       const x = left + (p.start - t0) * scale;
