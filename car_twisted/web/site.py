@@ -2,8 +2,9 @@
 The sibling HTTP endpoint: ``/health``, ``/metrics`` and the dashboard.
 
 ``dashboard_site(state, access)`` is a ``twisted.web`` ``Site`` an
-embedder can listen on anywhere (or mount ``DashboardRoot`` under its
-own tree); ``twist car`` serves it on ``port + 1``.  Every request names
+embedder can listen on anywhere (``DashboardService`` does that as a
+service); it owns the root of its endpoint (the page's paths and its
+cookie are absolute), and ``twist car`` serves it on ``port + 1``.  Every request names
 a loopback ``Host`` (``access.loopback_host``); everything but
 ``/health``, ``/metrics`` and ``/login`` needs a dashboard session
 cookie; POSTs also need the page's own ``Origin`` and the session's CSRF
