@@ -138,7 +138,7 @@ class SubStats:
                 "busy": 0, "busy_dropping": 0, "busy_stuck": 0}
 
     def _add(self, acc: dict, session) -> None:
-        for subs in self.state.runs._subscribers.values():
+        for subs in self.state.runs.subscriptions._by_run.values():
             sub = subs.get(session.client_id)
             if sub is None or sub.session is not session:
                 continue
@@ -159,7 +159,7 @@ class SubStats:
     def snapshot(self, session, params) -> dict:
         live = self._zero()
         seen = set()
-        for subs in self.state.runs._subscribers.values():
+        for subs in self.state.runs.subscriptions._by_run.values():
             for sub in subs.values():
                 if id(sub.session) not in seen:
                     seen.add(id(sub.session))
