@@ -91,6 +91,9 @@ DEFAULT_SHAPES = {"throughput": "16x8,1x1", "callback": "16x4,1x1", "runs": "1x1
                   "connections": "1x1"}
 # The daemon's per-run ceiling (car_twisted.runs.model.RECORD_TURNS_RUN_CEILING).
 RUN_TURN_LIMIT = 2000
+# --scenario runs: the daemon's store quota and retention, out of the way.
+RUNS_STORE_LIMITS = ("run_store_max_bytes=1024GiB", "run_retention_per_agent=1000000",
+                     "run_retention_total=1000000")
 
 SERVER_START_TIMEOUT = 20.0
 SERVER_STOP_TIMEOUT = 15.0  # generous: a cProfile'd server writes its stats on exit
@@ -1765,6 +1768,12 @@ def main(argv: list[str] | None = None) -> int:
             extra = []
             if name == "car" and car_home is not None:
                 extra += ["--agent-token", token, "--car-home", str(car_home)]
+                # The runner deletes the run files it has counted, behind the
+                # daemon's back: lift the store's quota and retention, or the
+                # daemon, still booking the deleted bytes, prunes runs of the
+                # measurement before they are counted.
+                for spec in RUNS_STORE_LIMITS:
+                    extra += ["--limit", spec]
                 if with_subscribers:
                     extra += ["--host-token", host_token]
             if name == "car" and args.server_nodelay:
@@ -1891,6 +1900,7 @@ def main(argv: list[str] | None = None) -> int:
                 "output_bytes": args.output_bytes if runs_scn else None,
                 "keep_run_files": bool(args.keep_run_files) if runs_scn else None,
                 "run_turn_limit": RUN_TURN_LIMIT if runs_scn else None,
+                "daemon_limits": list(RUNS_STORE_LIMITS) if runs_scn else None,
                 "shapes": [f"{c}x{d}" for c, d in args.shapes],
                 "seconds": args.seconds,
                 "warmup": args.warmup,
