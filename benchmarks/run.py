@@ -615,7 +615,7 @@ def environment(node: str) -> dict:
         "python": platform.python_version(),
         "python_impl": platform.python_implementation(),
         "versions": {d: _version(d) for d in
-                     ("car-twisted", "twisted", "autobahn", "websockets", "orjson")},
+                     ("car-twisted", "twisted", "autobahn", "websockets", "orjson", "uvloop")},
         "node": node_version,
         "ws": ws_version,
     }
