@@ -524,4 +524,5 @@ def memory_factory(state: Any) -> Any:
     factory.openHandshakeTimeout = 0
     factory.closeHandshakeTimeout = 0
     factory.autoPingInterval = 0
+    factory.keepalive.interval = 0  # the keep-alive's own tests turn it on
     return factory

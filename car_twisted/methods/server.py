@@ -101,7 +101,8 @@ class ServerMethods:
                 data={"negotiated": session.protocol_version, "requested": version},
             )
         required = tuple(p.required_capabilities or ())
-        missing = sorted(set(required) - self.state.capability_names())
+        # The capability names are built only when something is required.
+        missing = sorted(set(required) - self.state.capability_names()) if required else []
         if missing:
             raise ProtocolMismatch(
                 "protocol version mismatch: required capabilities not supported: "

@@ -44,6 +44,7 @@ from zope.interface import implementer
 from car_twisted.interfaces import IWsSink
 from car_twisted.rpc.dispatch import Dispatcher
 from car_twisted.ws.admission import Admission
+from car_twisted.ws.keepalive import KeepAlive
 
 if TYPE_CHECKING:
     from car_twisted.session import ClientSession
@@ -63,6 +64,8 @@ LINGER_SECS = 1.0
 # Close codes an endpoint must not send (RFC 6455 section 7.4.1).
 _RESERVED_CLOSE_CODES = frozenset({1004, 1005, 1006, 1015})
 _CRLF2 = b"\r\n\r\n"
+#: A Ping with no payload (FIN, opcode 0x9, unmasked, length 0).
+_EMPTY_PING = b"\x89\x00"
 
 
 def frame_text(payload: bytes) -> bytes:
@@ -170,6 +173,9 @@ class CarServerProtocol(WebSocketServerProtocol):
     # An upgrade refused before its end: input discarded until it closes.
     _discarding = False
     _linger: IDelayedCall | None = None
+    # Keep-alive (``KeepAlive``): the last bytes heard, the unanswered ping.
+    heard_at = 0.0
+    pinged_at: float | None = None
 
     # -- Autobahn callbacks --------------------------------------------------
 
@@ -196,6 +202,7 @@ class CarServerProtocol(WebSocketServerProtocol):
         if self._linger is not None and self._linger.active():
             self._linger.cancel()
         self.factory.admission.gone(self)
+        self.factory.keepalive.discard(self)
         super().connectionLost(reason)
 
     def processHandshake(self) -> None:
@@ -240,6 +247,7 @@ class CarServerProtocol(WebSocketServerProtocol):
     def dataReceived(self, data: bytes) -> None:
         if self._discarding:
             return  # refused: the rest of the request goes nowhere
+        self.heard_at = self.factory.state.clock.seconds()
         super().dataReceived(data)
 
     def onConnect(self, request: ConnectionRequest) -> None:
@@ -270,6 +278,10 @@ class CarServerProtocol(WebSocketServerProtocol):
                 client_id=self.session.client_id,
                 peer=self.peer,
             )
+            factory.keepalive.add(self)
+            # The upgrade request and response are not read again: about
+            # a kilobyte per connection, for the connection's whole life.
+            self.http_request_data = self.http_response_data = self.http_headers = None  # type: ignore[assignment]
             if self.session.authenticated:
                 self._promote()  # auth is off
         except Exception:
@@ -331,6 +343,14 @@ class CarServerProtocol(WebSocketServerProtocol):
         limit = self.factory.state.config.max_message_bytes
         self.maxMessagePayloadSize = limit
         self.maxFramePayloadSize = limit
+
+    def send_keepalive_ping(self) -> None:
+        if self.state == _OPEN:
+            self.transport.write(_EMPTY_PING)
+
+    def keepalive_timed_out(self) -> None:
+        self._log.info("no answer to a keep-alive ping from {peer}; dropping it", peer=self.peer)
+        self.dropConnection(abort=True)
 
     def _guest_expired(self) -> None:
         self._log.info("connection from {peer} did not authenticate in time; closing", peer=self.peer)
@@ -439,6 +459,7 @@ class CarServerFactory(WebSocketServerFactory):
         self.state = state
         self.dispatcher = Dispatcher(state)
         config = state.config
+        self.keepalive = KeepAlive(state.clock, config.ping_interval, config.ping_timeout)
         self.admission = Admission(
             state.clock, config.max_preauth_connections, config.max_preauth_per_peer, config.auth_timeout
         )
@@ -446,8 +467,8 @@ class CarServerFactory(WebSocketServerFactory):
         self.setProtocolOptions(
             maxFramePayloadSize=config.max_message_bytes,
             maxMessagePayloadSize=config.max_message_bytes,
-            autoPingInterval=config.ping_interval,
-            autoPingTimeout=config.ping_timeout,
+            # Keep-alive pings are ours (KeepAlive): one timer for all.
+            autoPingInterval=0,
             # The origin policy is ours (onConnect): loopback plus the
             # configured patterns.  Autobahn's own check is left open.
             allowedOrigins=["*"],
@@ -484,6 +505,7 @@ class CarServerFactory(WebSocketServerFactory):
         if reaper is not None and reaper.running:
             reaper.stop()
         self.dispatcher.pulse.stop()
+        self.keepalive.stop()
         super().stopFactory()
 
     def origin_allowed(self, origin: str) -> bool:

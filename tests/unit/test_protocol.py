@@ -45,7 +45,9 @@ def test_factory_options(tmp_path):
                        allowed_origins=["https://app.example:*"])
     factory = CarServerFactory(state)
     assert factory.maxMessagePayloadSize == 1234 and factory.maxFramePayloadSize == 1234
-    assert (factory.autoPingInterval, factory.autoPingTimeout) == (7.0, 3.0)
+    # Keep-alive is the factory's one KeepAlive, not Autobahn's per-connection timers.
+    assert factory.autoPingInterval == 0
+    assert (factory.keepalive.interval, factory.keepalive.timeout) == (7.0, 3.0)
     # Autobahn's own cap is off: guests have the Admission's slots and
     # authenticated connections are counted at session.auth.
     assert factory.maxConnections == 0 and factory.webStatus is False and factory.server is None

@@ -384,3 +384,33 @@ def test_close_reason_is_cut_on_a_character_and_bad_codes_are_not_sent(tmp_path)
     third = MemoryConnection.open(factory, port=40002)
     third.protocol.close(70000, "x")
     assert third.close_code() == 1011 and third.dropped
+
+
+# -- what a connection keeps ----------------------------------------------------------------------
+
+
+def test_an_open_connection_keeps_no_upgrade_leftovers(tmp_path, clock):
+    """The upgrade request and response are dropped once the connection is open."""
+    conn = authed(factory_for(tmp_path, clock))
+    proto = conn.protocol
+    assert proto.http_request_data is None and proto.http_response_data is None and proto.http_headers is None
+    assert call(conn, "state.exists", {"key": "k"}, rid=2)["result"] is False
+    conn.transport.loseConnection()
+    assert clock.getDelayedCalls() == []
+
+
+def test_a_handshake_without_required_capabilities_lists_no_methods(tmp_path, clock, monkeypatch):
+    """server.handshake builds the capability names only when the client requires some."""
+    factory = factory_for(tmp_path, clock)
+    conn = authed(factory)
+    built = []
+    original = factory.state.capability_names
+    monkeypatch.setattr(factory.state, "capability_names", lambda: built.append(1) or original())
+    assert call(conn, "server.handshake", {"protocol_version": 3}, rid=2)["result"]["protocol_version"] == 3
+    assert built == []
+    conn2 = authed(factory)
+    reply = call(conn2, "server.handshake", {"protocol_version": 3, "required_capabilities": ["state", "nope"]}, rid=3)
+    assert reply["error"]["data"]["missing_capabilities"] == ["nope"] and built == [1]
+    conn.transport.loseConnection()
+    conn2.transport.loseConnection()
+    assert clock.getDelayedCalls() == []
