@@ -115,6 +115,7 @@ class ServerState:
         )
         self.runs = RunRegistry(clock, store, config.run_complete_grace, config=config, stats=self.stats)
         self.host = HostRegistry(clock, self._host_identity, stats=self.stats)
+        self.agents.on_status = self._supervised_status
         self.goals = GoalStore(clock, config.paths.home / "chat-goals.json")
         self.chats = ChatRelay(clock, self.attached_agent, self.goals, self.runs)
         self.memory = MemoryScopes(
@@ -221,6 +222,17 @@ class ServerState:
         """The C{iface} multi-adapter of C{objects} in this daemon's registry, or None."""
         adapted: I | None = self.components.queryMultiAdapter(objects, iface, "", None)  # type: ignore[attr-defined]
         return adapted
+
+    def _supervised_status(
+        self, agent_id: str, status: str, pid: int | None, restarts: int, last_exit_code: int | None
+    ) -> None:
+        """A supervised agent changed status: hosts (and the dashboard) hear it as a host event."""
+        self.host.emit(
+            "agent.supervisor_status",
+            agent_id,
+            f"supervised agent {agent_id} is {status}",
+            {"status": status, "pid": pid, "restarts": restarts, "last_exit_code": last_exit_code},
+        )
 
     # -- sessions ----------------------------------------------------------
 

@@ -99,6 +99,8 @@ class _Agent:
 @implementer(IAgentIdentities)
 class Supervisor:
     _log = Logger()
+    #: Told each status change: (agent id, status, pid, restarts, last exit code).
+    on_status: Callable[[str, str, int | None, int, int | None], object] | None = None
 
     def __init__(
         self,
@@ -545,8 +547,14 @@ class Supervisor:
     # -- waiting -----------------------------------------------------------------------
 
     def _set(self, agent: _Agent, status: str) -> None:
+        changed = agent.status != status
         agent.status = status
         self._notify(agent.spec.id)
+        if changed and self.on_status is not None:
+            try:
+                self.on_status(agent.spec.id, status, agent.pid, agent.restart_count, agent.last_exit_code)
+            except Exception:
+                self._log.failure("status listener failed for agent {agent_id}", agent_id=agent.spec.id)
 
     def _notify(self, agent_id: str) -> None:
         agent = self._agents.get(agent_id)

@@ -133,3 +133,17 @@ def test_a_subscriber_that_never_reads_costs_a_bounded_backlog(state):
     assert [f["payload"]["i"] for f in frames[:-1]] == list(range(held))
     assert frames[-1]["kind"] == "host.gap" and frames[-1]["payload"] == {"dropped": dropped}
     assert sub.backlog_bytes == 0 and sub.dropped == 0
+
+
+def test_supervised_status_changes_reach_host_subscribers(state):
+    """A supervised agent's status change is a host event (the dashboard redraws on it)."""
+    a = conn(state, host=True)
+    a.result("server.handshake", {"protocol_version": 3})
+    a.result("host.subscribe", {})
+    a.sink.pop()
+    state.agents.on_status("worker", "backoff", None, 2, 1)
+    (note,) = [m for m in a.sink.pop() if m.get("method") == "host.event"]
+    event = note["params"]
+    assert (event["kind"], event["agent_id"]) == ("agent.supervisor_status", "worker")
+    assert event["payload"] == {"status": "backoff", "pid": None, "restarts": 2, "last_exit_code": 1}
+    assert a.call("host.notify", {"kind": "agent.supervisor_status"})["error"]["data"]["field"] == "kind"

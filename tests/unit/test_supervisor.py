@@ -806,3 +806,30 @@ def test_nothing_starts_once_shutdown_began(sup, reactor):
     reactor.advance(10)
     assert done.called and restarted.result["status"] == "stopped"
     assert len(reactor.spawned) == 1
+
+
+def test_each_status_change_is_told_once(sup, reactor):
+    """The status listener (the daemon turns it into host events) hears every change, and only changes."""
+    heard = []
+    sup.on_status = lambda *change: heard.append(change)
+    sup.upsert(spec(restart="on_failure", max_restarts=1))
+    sup.start("a1")
+    sup.start("a1")  # already running: no change
+    pid = last(reactor).pid
+    last(reactor).die(code=1)
+    reactor.advance(1.0)
+    last(reactor).die(code=1)
+    assert [(agent_id, status) for agent_id, status, *_ in heard] == [
+        ("a1", "starting"), ("a1", "running"), ("a1", "backoff"), ("a1", "starting"), ("a1", "running"), ("a1", "errored")]
+    assert heard[1][2] == pid
+    assert heard[-1][3:] == (1, 1)  # restarts, last exit code
+
+
+def test_a_failing_status_listener_does_not_stop_the_supervisor(sup, reactor):
+    def broken(*change):
+        raise RuntimeError("listener bug")
+
+    sup.on_status = broken
+    sup.upsert(spec())
+    sup.start("a1")
+    assert sup.list()[0]["status"] == "running"
