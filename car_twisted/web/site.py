@@ -42,6 +42,15 @@ _STATIC = {
     b"surface.js": ("surface.js", b"text/javascript; charset=utf-8"),
     b"rpc.js": ("rpc.js", b"text/javascript; charset=utf-8"),
     b"svg.js": ("svg.js", b"text/javascript; charset=utf-8"),
+    b"dom.js": ("dom.js", b"text/javascript; charset=utf-8"),
+    b"state.js": ("state.js", b"text/javascript; charset=utf-8"),
+    b"agents.js": ("agents.js", b"text/javascript; charset=utf-8"),
+    b"runs.js": ("runs.js", b"text/javascript; charset=utf-8"),
+    b"approvals.js": ("approvals.js", b"text/javascript; charset=utf-8"),
+    b"events.js": ("events.js", b"text/javascript; charset=utf-8"),
+    b"chat.js": ("chat.js", b"text/javascript; charset=utf-8"),
+    b"surfaces.js": ("surfaces.js", b"text/javascript; charset=utf-8"),
+    b"metrics.js": ("metrics.js", b"text/javascript; charset=utf-8"),
     b"app.css": ("app.css", b"text/css; charset=utf-8"),
 }
 _CSP = (
