@@ -40,6 +40,7 @@ __all__ = [
     "unix_path",
     "socket_answers",
     "clear_stale_socket",
+    "listening_url",
 ]
 
 _log = Logger()
@@ -194,3 +195,19 @@ class ListenerEndpoint:
             return failure
 
         return d.addCallbacks(listening, failed)
+
+
+def listening_url(port: IListeningPort, scheme: str) -> str | None:
+    """
+    C{scheme}://host:port of a TCP listener (a wildcard address named as
+    127.0.0.1, an IPv6 one bracketed); None for a UNIX socket.
+    """
+    address = port.getHost()
+    host, number = getattr(address, "host", None), getattr(address, "port", None)
+    if host is None or number is None:
+        return None
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{scheme}://{host}:{number}"

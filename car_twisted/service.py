@@ -26,7 +26,7 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from car_twisted.endpoints import Listen, ListenerEndpoint
+from car_twisted.endpoints import Listen, ListenerEndpoint, listening_url
 from car_twisted.ws.protocol import CarServerFactory
 
 if TYPE_CHECKING:
@@ -49,18 +49,6 @@ def freeze_startup_heap() -> None:
     """
     gc.collect()
     gc.freeze()
-
-
-def _ws_url(port: IListeningPort) -> str | None:
-    address = port.getHost()
-    host, number = getattr(address, "host", None), getattr(address, "port", None)
-    if host is None or number is None:
-        return None  # not TCP (a UNIX socket)
-    if host in ("0.0.0.0", "::", ""):
-        host = "127.0.0.1"
-    if ":" in host:
-        host = f"[{host}]"
-    return f"ws://{host}:{number}"
 
 
 class EnginesService(Service):
@@ -142,7 +130,7 @@ class CarService(MultiService):
     def daemon_url(self) -> str | None:
         """``ws://host:port`` of the first TCP listener, once bound."""
         for port in self.ports:
-            url = _ws_url(port)
+            url = listening_url(port, "ws")
             if url is not None:
                 return url
         return None

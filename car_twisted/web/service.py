@@ -21,7 +21,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from car_twisted.auth import remove_if_ours
-from car_twisted.endpoints import Listen, ListenerEndpoint
+from car_twisted.endpoints import Listen, ListenerEndpoint, listening_url
 from car_twisted.web.access import DashboardAccess
 from car_twisted.web.site import DashboardSite, dashboard_site
 
@@ -77,17 +77,8 @@ class DashboardService(MultiService):
 
     def login_url(self, code: str) -> str | None:
         """The URL that opens a dashboard session with C{code}, once listening on TCP."""
-        if self.port is None:
-            return None
-        address = self.port.getHost()
-        host, number = getattr(address, "host", None), getattr(address, "port", None)
-        if host is None or number is None:
-            return None
-        if host in ("0.0.0.0", "::", ""):
-            host = "127.0.0.1"
-        if ":" in host:
-            host = f"[{host}]"
-        return f"http://{host}:{number}/login?code={code}"
+        base = listening_url(self.port, "http") if self.port is not None else None
+        return f"{base}/login?code={code}" if base is not None else None
 
     def _announce(self, code: str) -> None:
         if not self.running:
