@@ -180,6 +180,31 @@ def client_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Callable[[Dae
     return point_at
 
 
+class Inbox:
+    """Notifications one method delivers to a handler on the client's thread; waitable for C{timeout} seconds."""
+
+    def __init__(self, rt: Any, method: str, timeout: float) -> None:
+        self.items: list[dict[str, Any]] = []
+        self.cond = threading.Condition()
+        self.timeout = timeout
+        rt.register_daemon_notification_handler(method, self._received)
+
+    def _received(self, params_json: str) -> None:
+        with self.cond:
+            self.items.append(json.loads(params_json))
+            self.cond.notify_all()
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        with self.cond:
+            return list(self.items)
+
+    def wait(self, predicate: Callable[[list[dict[str, Any]]], Any], what: str) -> Any:
+        with self.cond:
+            value = self.cond.wait_for(lambda: predicate(self.items), self.timeout)
+            assert value, f"no {what} within {self.timeout:g}s; got {self.items}"
+            return value
+
+
 def call(rt: Any, method: str, params: Any = None) -> Any:
     return json.loads(rt.daemon_call(method, json.dumps({} if params is None else params)))
 

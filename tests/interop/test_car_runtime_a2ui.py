@@ -25,7 +25,7 @@ import json
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import pytest
 
@@ -33,6 +33,7 @@ car_runtime = pytest.importorskip("car_runtime")
 
 from test_car_runtime import (  # noqa: E402,F401  (fixtures are used by name)
     Daemon,
+    Inbox,
     client_env,
     daemon,
     start_daemon,
@@ -43,28 +44,11 @@ BASIC_CATALOG = "https://a2ui.org/specification/v0_9/basic_catalog.json"
 ROUTE_SECRET = "InteropRouteSecret4d9a7c2e1f8b6d3a"
 
 
-class Inbox:
+class A2uiEvents(Inbox):
     """``a2ui.event`` notifications as the client's handler receives them (on its own thread); waitable."""
 
-    def __init__(self, rt: Any, method: str) -> None:
-        self.items: list[dict[str, Any]] = []
-        self.cond = threading.Condition()
-        rt.register_daemon_notification_handler(method, self._received)
-
-    def _received(self, params_json: str) -> None:
-        with self.cond:
-            self.items.append(json.loads(params_json))
-            self.cond.notify_all()
-
-    def snapshot(self) -> list[dict[str, Any]]:
-        with self.cond:
-            return list(self.items)
-
-    def wait(self, predicate: Callable[[list[dict[str, Any]]], Any], what: str) -> Any:
-        with self.cond:
-            value = self.cond.wait_for(lambda: predicate(self.items), TIMEOUT)
-            assert value, f"no {what} within {TIMEOUT:g}s; got {self.items}"
-            return value
+    def __init__(self, rt: Any) -> None:
+        super().__init__(rt, "a2ui.event", TIMEOUT)
 
     def count(self, kind: str, n: int) -> list[dict[str, Any]]:
         """Wait until C{n} events of C{kind} have arrived; the first C{n}."""
@@ -152,7 +136,7 @@ def test_a2ui_through_the_generated_wrappers(daemon: Daemon, client_env, a2a_end
     client_env(daemon)
     rt = car_runtime.CarRuntime()
     subscriber = car_runtime.CarRuntime()
-    events = Inbox(subscriber, "a2ui.event")
+    events = A2uiEvents(subscriber)
     assert json.loads(subscriber.a2ui_subscribe("{}")) == {"subscribed": True}
 
     caps = json.loads(rt.a2ui_capabilities("{}"))
@@ -251,7 +235,7 @@ def test_a2ui_through_the_module_level_functions(daemon: Daemon, client_env, a2a
     client_env(daemon)
     rt = car_runtime.CarRuntime()
     subscriber = car_runtime.CarRuntime()
-    events = Inbox(subscriber, "a2ui.event")
+    events = A2uiEvents(subscriber)
     assert json.loads(subscriber.a2ui_subscribe("{}")) == {"subscribed": True}
 
     caps = json.loads(car_runtime.a2ui_capabilities(rt))

@@ -43,6 +43,7 @@ car_runtime = pytest.importorskip("car_runtime")
 
 from test_car_runtime import (  # noqa: E402,F401  (fixtures are used by name)
     Daemon,
+    Inbox,
     client_env,
     daemon,
     start_daemon,
@@ -145,30 +146,6 @@ AGENT_SCRIPT = textwrap.dedent(
 )
 
 
-class Inbox:
-    """Notifications one method delivers to a handler on the client's thread; waitable."""
-
-    def __init__(self, rt: Any, method: str) -> None:
-        self.items: list[dict[str, Any]] = []
-        self.cond = threading.Condition()
-        rt.register_daemon_notification_handler(method, self._received)
-
-    def _received(self, params_json: str) -> None:
-        with self.cond:
-            self.items.append(json.loads(params_json))
-            self.cond.notify_all()
-
-    def snapshot(self) -> list[dict[str, Any]]:
-        with self.cond:
-            return list(self.items)
-
-    def wait(self, predicate: Callable[[list[dict[str, Any]]], Any], what: str) -> Any:
-        with self.cond:
-            value = self.cond.wait_for(lambda: predicate(self.items), TIMEOUT)
-            assert value, f"no {what} within {TIMEOUT:g}s; got {self.items}"
-            return value
-
-
 def _of(session_id: str) -> Callable[[list[dict[str, Any]]], list[dict[str, Any]]]:
     return lambda items: [e for e in items if e.get("session_id") == session_id]
 
@@ -205,7 +182,7 @@ def test_chat_between_car_runtime_host_and_agent(daemon: Daemon, client_env, tmp
     began = time.monotonic()
     client_env(daemon)
     rt = car_runtime.CarRuntime()
-    events = Inbox(rt, "agents.chat.event")
+    events = Inbox(rt, "agents.chat.event", TIMEOUT)
 
     def call(method: str, params: Any = None) -> Any:
         return json.loads(rt.daemon_call(method, json.dumps({} if params is None else params)))
@@ -333,7 +310,7 @@ def test_host_state_through_the_client(daemon: Daemon, client_env):
     """host_subscribe, host_register_agent, host_set_status, host_request_approval, host_resolve_approval and host_events work through the client."""
     client_env(daemon)
     watcher = car_runtime.CarRuntime()
-    pushed = Inbox(watcher, "host.event")
+    pushed = Inbox(watcher, "host.event", TIMEOUT)
     snapshot = json.loads(watcher.host_subscribe("{}"))
     assert snapshot["subscribed"] is True and snapshot["agents"] == [] and snapshot["approvals"] == []
     assert snapshot["identity"]["pid"] == daemon.proc.pid and snapshot["identity"]["manifest_role"] == "owner"
