@@ -6,6 +6,7 @@ a way to run the real server on loopback TCP and UNIX sockets.
 from __future__ import annotations
 
 import json
+import os
 import socket
 from pathlib import Path
 from typing import Any
@@ -526,3 +527,32 @@ def memory_factory(state: Any) -> Any:
     factory.autoPingInterval = 0
     factory.keepalive.interval = 0  # the keep-alive's own tests turn it on
     return factory
+
+
+# -- child processes, from /proc -------------------------------------------------
+
+
+def espeak_children() -> list[int]:
+    """Pids of this process's espeak-ng children that are not zombies (an in-process daemon's speakers)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                head, rest = f.read().rsplit(")", 1)
+        except OSError:
+            continue
+        fields = rest.split()
+        if int(fields[1]) == os.getpid() and fields[0] != "Z" and head.endswith("(espeak-ng"):
+            found.append(int(entry))
+    return found
+
+
+def alive(pid: int) -> bool:
+    """C{pid} exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

@@ -32,7 +32,7 @@ import pytest_twisted
 from scipy.signal import resample_poly
 
 from car_twisted.voice import frames
-from support import start_server, until
+from support import alive, espeak_children, start_server, until
 
 PHRASES = ("one two three four five", "hello world")
 WORDS = " ".join(PHRASES).split()
@@ -294,31 +294,6 @@ async def test_meeting_transcript_on_disk_and_after_a_restart(reactor, tmp_path,
 
 
 # -- speech out -------------------------------------------------------------------------------
-
-
-def espeak_children():
-    """Pids of this process's espeak-ng children that are not zombies (the daemon runs in this process)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                head, rest = f.read().rsplit(")", 1)
-        except OSError:
-            continue
-        fields = rest.split()
-        if int(fields[1]) == os.getpid() and fields[0] != "Z" and head.endswith("(espeak-ng"):
-            found.append(int(entry))
-    return found
-
-
-def alive(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def wav_seconds(data):

@@ -32,7 +32,7 @@ from car_twisted.voice import espeak_tts, pocketsphinx_stt
 from car_twisted.voice.espeak_tts import CHUNK_BYTES, EspeakSpeaker, SpeechFailed
 from car_twisted.voice.model import TranscriptUpdate, VoiceUnavailable
 from car_twisted.voice.pocketsphinx_stt import MODEL_SAMPLE_RATE, PocketSphinxTranscriber, StreamResampler
-from support import until
+from support import alive, espeak_children, until
 
 PHRASES = ("one two three four five", "hello world")
 WORDS = " ".join(PHRASES).split()
@@ -271,31 +271,6 @@ def test_resampler_is_seamless_across_chunks(rate):
 
 
 # -- speech out -------------------------------------------------------------------------
-
-
-def espeak_children():
-    """Pids of this process's espeak-ng children that are not zombies."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                head, rest = f.read().rsplit(")", 1)
-        except OSError:
-            continue
-        fields = rest.split()
-        if int(fields[1]) == os.getpid() and fields[0] != "Z" and head.endswith("(espeak-ng"):
-            found.append(int(entry))
-    return found
-
-
-def alive(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def wav_seconds(data):
